@@ -1,0 +1,273 @@
+"""The core contract: keep-all identity, batches, fast attention kept, reversibility, independence."""
+
+import copy
+
+import pytest
+import torch
+
+import vtprune
+from vtprune.testing import make_image, make_inputs
+
+METHODS = vtprune.methods().names()
+KEEP_ALL = {m: ({} if m == "none" else {"keep": 10**6}) for m in METHODS}
+KEEP_ALL_RATIO = {m: ({} if m == "none" else {"keep_ratio": 1.0}) for m in METHODS}
+
+
+def _batch(proc, sizes, questions=None):
+    questions = questions or ["What is red?", "How many circles are in the picture?", "Is there a blue square?"][: len(sizes)]
+    return make_inputs(proc, [make_image(10 + i, s) for i, s in enumerate(sizes)], questions)
+
+
+def _hooks(model):
+    return {
+        name: (tuple(m._forward_hooks), tuple(m._forward_pre_hooks), tuple(m._backward_hooks))
+        for name, m in model.named_modules()
+    }
+
+
+# --- keep-all identity -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("params", [KEEP_ALL, KEEP_ALL_RATIO], ids=["keep", "keep_ratio"])
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+def test_keep_all_is_identity(request, family, method, params):
+    model, proc = request.getfixturevalue(family)
+    sizes = [(336, 336), (336, 336)] if family == "llava" else [(224, 224), (300, 180)]
+    inputs = _batch(proc, sizes)
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        gen_ref = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    with vtprune.pruned(model, method, **params[method]) as pr:
+        with torch.no_grad():
+            out = model(**inputs).logits
+            gen = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+        assert pr.last.num_visual_tokens == pr.last.available
+        if method == "vtc-cls":  # the scoring hooks still ran although nothing was pruned
+            assert sorted(pr._capture.logits) == [20, 21, 22]
+            assert all(s is not None for s in pr.last.scores)
+    assert torch.equal(out, ref), "keep-all logits must equal the unpatched model bit for bit"
+    assert torch.equal(gen, gen_ref), "keep-all greedy tokens must equal the unpatched model"
+
+
+def test_keep_all_identity_full_size_next(llava_next_full):
+    model, proc = llava_next_full
+    inputs = _batch(proc, [(672, 672), (500, 300)])
+    with torch.no_grad():
+        ref = model(**inputs).logits
+    with vtprune.pruned(model, "vtc-cls", keep=10**6) as pr, torch.no_grad():
+        out = model(**inputs).logits
+    assert pr.last.available == [2928, int((inputs["input_ids"][1] == model.config.image_token_id).sum())]
+    assert torch.equal(out, ref)
+
+
+# --- batches -------------------------------------------------------------------------------------------
+def _greedy(model, inputs, n=6):
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=n, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    T = inputs["input_ids"].shape[1]
+    return out.sequences[:, T:], torch.stack(out.logits, 1)
+
+
+def _sample(inputs, b, counts):
+    """Sample b of a processor batch, unpadded, as its own batch of one."""
+    keep = inputs["attention_mask"][b].bool()
+    first = sum(counts[:b])
+    out = {"input_ids": inputs["input_ids"][b : b + 1, keep], "attention_mask": inputs["attention_mask"][b : b + 1, keep]}
+    out["pixel_values"] = inputs["pixel_values"][first : first + counts[b]]
+    if "image_sizes" in inputs:
+        out["image_sizes"] = inputs["image_sizes"][first : first + counts[b]]
+    return out
+
+
+def _assert_batch_equals_single(model, inputs, counts, method, params):
+    with vtprune.pruned(model, method, **params) as pr:
+        toks, logits = _greedy(model, inputs)
+        batch_rep = pr.last
+        for b in range(len(counts)):
+            single = _sample(inputs, b, counts)
+            t1, l1 = _greedy(model, single)
+            images = [i for i, s in enumerate(batch_rep.sample_of) if s == b]
+            assert len(images) == counts[b]
+            for j, i in enumerate(images):
+                for p, kp in enumerate(batch_rep.kept[i]):
+                    assert torch.equal(kp, pr.last.kept[j][p]), f"sample {b} image {j} partition {p}: kept differs in batch"
+                assert batch_rep.num_visual_tokens[i] == pr.last.num_visual_tokens[j]
+            for step in range(t1.shape[1]):
+                torch.testing.assert_close(logits[b, step], l1[0, step], atol=1e-4, rtol=0)
+                top2 = torch.topk(l1[0, step], 2).values
+                if toks[b, step] != t1[0, step]:
+                    assert float(top2[0] - top2[1]) <= 1e-3, f"sample {b} step {step}: tokens differ with a clear margin"
+                    break
+
+
+@pytest.mark.parametrize("method,params", [("vtc-cls", {"keep": 64}), ("random", {"keep_ratio": 0.2}), ("pool", {"keep": 36}), ("none", {})])
+def test_llava_batch_equals_single(llava, method, params):
+    model, proc = llava
+    imgs = [make_image(21), [make_image(22), make_image(23)], make_image(24)]
+    qs = ["What is red?", "Compare the two pictures: which one has more circles?", "Is there a square?"]
+    inputs = make_inputs(proc, imgs, qs, padding_side="left")
+    assert bool((inputs["attention_mask"] == 0).any()), "the batch must be left-padded"
+    _assert_batch_equals_single(model, inputs, [1, 2, 1], method, params)
+
+
+@pytest.mark.parametrize("method,params", [("vtc-cls", {"keep": 80}), ("random", {"keep_ratio": 0.3}), ("pool", {"keep": 50})])
+def test_llava_next_batch_equals_single(llava_next, method, params):
+    model, proc = llava_next
+    sizes = [(224, 224), (300, 150), (112, 336)]  # grids 2x2, 1x2, 3x1
+    inputs = make_inputs(proc, [make_image(30 + i, s) for i, s in enumerate(sizes)], ["What is red?", "How many shapes?", "Where is the star?"])
+    _assert_batch_equals_single(model, inputs, [1, 1, 1], method, params)
+
+
+def test_batch_budget_is_per_image(llava_next):
+    model, proc = llava_next
+    inputs = _batch(proc, [(224, 224), (300, 150)])
+    with vtprune.pruned(model, "vtc-cls", keep_ratio=0.25) as pr, torch.no_grad():
+        model(**inputs)
+    rep = pr.last
+    assert rep.budget == [int(0.25 * a) for a in rep.available]
+    assert rep.num_visual_tokens == rep.budget
+    assert [len(t) for t in rep.tokens_per_layer] == [model.config.text_config.num_hidden_layers] * 2
+    assert rep.mean_tokens == [float(n) for n in rep.num_visual_tokens]
+
+
+# --- fast attention kept ---------------------------------------------------------------------------------
+def test_no_eager_attention(llava, monkeypatch):
+    import transformers.models.clip.modeling_clip as mc
+    import transformers.models.llama.modeling_llama as ml
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    model, proc = llava
+    impls = (model.config._attn_implementation, model.config.vision_config._attn_implementation, model.config.text_config._attn_implementation)
+
+    def boom(*a, **k):
+        raise AssertionError("eager attention was used")
+
+    monkeypatch.setattr(mc, "eager_attention_forward", boom)
+    monkeypatch.setattr(ml, "eager_attention_forward", boom)
+    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    seen = []
+
+    def spy(module, *args, **kwargs):
+        assert not kwargs.get("output_attentions"), "output_attentions must never be requested"
+        seen.append(type(module).__name__)
+        return sdpa(module, *args, **kwargs)
+
+    ALL_ATTENTION_FUNCTIONS["sdpa"] = spy
+    try:
+        inputs = _batch(proc, [(336, 336)])
+        with vtprune.pruned(model, "vtc-cls", keep=32) as pr, torch.no_grad():
+            model.generate(**inputs, max_new_tokens=2, do_sample=False)
+            assert impls == (model.config._attn_implementation, model.config.vision_config._attn_implementation, model.config.text_config._attn_implementation)
+    finally:
+        del ALL_ATTENTION_FUNCTIONS["sdpa"]
+    assert pr.last.num_visual_tokens == [32]
+    assert "CLIPAttention" in seen and "LlamaAttention" in seen
+    assert ALL_ATTENTION_FUNCTIONS["sdpa"] is sdpa
+
+
+# --- reversibility and independence -----------------------------------------------------------------------
+def test_unpatch_restores_exactly(llava):
+    model, proc = llava
+    inputs = _batch(proc, [(336, 336)])
+    with torch.no_grad():
+        ref = model(**inputs).logits
+    hooks, attrs = _hooks(model), dict(model.__dict__)
+    params = {k: v for k, v in model.state_dict().items()}
+    for method in ["vtc-cls", "random", "pool"]:
+        pr = vtprune.patch(model, method, keep=20)
+        assert "forward" in model.__dict__ and vtprune.get_pruner(model) is pr
+        with torch.no_grad():
+            assert model(**inputs).logits.shape[1] < ref.shape[1]
+        pr.unpatch()
+        pr.unpatch()  # idempotent
+        assert _hooks(model) == hooks, "hooks left in the module tree"
+        assert model.__dict__.keys() == attrs.keys() and all(model.__dict__[k] is attrs[k] for k in attrs)
+        assert all(model.state_dict()[k] is v or torch.equal(model.state_dict()[k], v) for k, v in params.items())
+        with torch.no_grad():
+            assert torch.equal(model(**inputs).logits, ref)
+    assert vtprune.unpatch(model) is False
+
+
+def test_context_manager_restores_on_error(llava):
+    model, proc = llava
+    hooks = _hooks(model)
+    with pytest.raises(RuntimeError, match="boom"):
+        with vtprune.pruned(model, "vtc-cls", keep=10):
+            raise RuntimeError("boom")
+    assert _hooks(model) == hooks and "forward" not in model.__dict__
+
+
+def test_repatch_replaces_previous_method(llava):
+    model, proc = llava
+    hooks = _hooks(model)
+    inputs = _batch(proc, [(336, 336)])
+    first = vtprune.patch(model, "vtc-cls", keep=16)
+    second = vtprune.patch(model, "random", keep=24)
+    assert not first.active and second.active
+    with torch.no_grad():
+        model(**inputs)
+    assert second.last.num_visual_tokens == [24] and first.last is None
+    second.unpatch()
+    assert _hooks(model) == hooks and "forward" not in model.__dict__
+
+
+def test_two_models_are_independent(llava):
+    model_a, proc = llava
+    model_b = copy.deepcopy(model_a)
+    model_b.config = model_a.config  # share the config object too
+    inputs = _batch(proc, [(336, 336)])
+    with torch.no_grad():
+        ref = model_b(**inputs).logits
+    with vtprune.pruned(model_a, "vtc-cls", keep=8) as pr:
+        with torch.no_grad():
+            out_b = model_b(**inputs).logits
+            out_a = model_a(**inputs).logits
+        assert vtprune.get_pruner(model_b) is None
+        assert pr.last.num_visual_tokens == [8]
+        with vtprune.pruned(model_b, "random", keep=100) as pr_b, torch.no_grad():
+            model_b(**inputs)
+        assert pr.last.num_visual_tokens == [8] and pr_b.last.num_visual_tokens == [100]
+    assert torch.equal(out_b, ref) and out_a.shape[1] == ref.shape[1] - 576 + 8
+    assert model_a.config._attn_implementation == "sdpa"
+
+
+def test_text_only_prompt_runs_unpruned(llava):
+    model, proc = llava
+    ids = proc.tokenizer(["USER: hello there ASSISTANT:"], return_tensors="pt")
+    with torch.no_grad():
+        ref = model.generate(**ids, max_new_tokens=4, do_sample=False)
+    with vtprune.pruned(model, "vtc-cls", keep=8) as pr, torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=4, do_sample=False)
+        logits = model(**ids).logits
+    assert torch.equal(out, ref)
+    assert pr.last.num_images == 0 and logits.shape[1] == ids["input_ids"].shape[1]
+
+
+def test_inputs_embeds_prompt(llava):
+    """A prompt given as inputs_embeds (placeholders found by embedding equality) is pruned too."""
+    model, proc = llava
+    inputs = _batch(proc, [(336, 336)])
+    emb = model.get_input_embeddings()(inputs["input_ids"])
+    with vtprune.pruned(model, "vtc-cls", keep=24) as pr, torch.no_grad():
+        a = model(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"]).logits
+        b = model(inputs_embeds=emb, pixel_values=inputs["pixel_values"]).logits
+    assert pr.last.num_visual_tokens == [24]
+    torch.testing.assert_close(a, b)
+
+
+def test_report_contract(llava_next):
+    model, proc = llava_next
+    inputs = _batch(proc, [(224, 224), (300, 150)])
+    with vtprune.pruned(model, "vtc-cls", keep=40) as pr, torch.no_grad():
+        model(**inputs)
+    rep = pr.last
+    grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    assert rep.num_images == 2 and rep.sample_of == [0, 1]
+    for i in range(2):
+        rows, cols = rep.grids[i]
+        assert len(rep.kept[i]) == 1 + rows * cols
+        for p, kp in enumerate(rep.kept[i]):
+            assert kp.dtype == torch.long and kp.dim() == 1
+            assert torch.equal(kp, torch.sort(kp).values) and (kp.numel() == 0 or (kp.min() >= 0 and kp.max() < grid * grid))
+            assert rep.scores[i][p].shape == (grid * grid,)
+        assert rep.sources[i] is None
+    assert rep.input_keep.shape == inputs["input_ids"].shape
