@@ -75,7 +75,6 @@ class Method:
     POLICIES: ClassVar[dict[str, tuple[Any, Any]]] = {"position_mode": ("compact", "compact")}
 
     def __post_init__(self) -> None:
-        cls = type(self).__name__
         if self.keep is not None and self.keep_ratio is not None:
             raise VTPruneError(f"{self.name}: give keep= or keep_ratio=, not both")
         if self.keep is not None:
@@ -92,7 +91,6 @@ class Method:
             raise VTPruneError(f"{self.name} has no official implementation to reproduce; drop official=True")
         if self.position_mode is not None and self.position_mode not in POSITION_MODES:
             raise VTPruneError(f"{self.name}: position_mode must be one of {POSITION_MODES}, got {self.position_mode!r}")
-        del cls
 
     def _has_own_budget(self) -> bool:
         """Methods with an official budget knob (e.g. HiRED token_budget_rate) override this."""

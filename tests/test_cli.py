@@ -1,0 +1,73 @@
+"""The `vtprune` command: methods, compare (the README's main job) and the bench script."""
+
+import json
+
+import pytest
+
+from vtprune import cli
+from vtprune.eval.bench import bench_shape, format_result
+from vtprune.testing import make_image
+
+
+def test_methods_command(capsys):
+    assert cli.main(["methods"]) == 0
+    out = capsys.readouterr().out
+    for name in ("vtc-cls", "random", "pool", "none"):
+        assert name in out
+    assert "start_layer=20" in out
+    assert cli.main(["methods", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert {d["name"] for d in data} >= {"vtc-cls", "random", "pool", "none"}
+
+
+def test_compare_command(tmp_path, capsys):
+    img = tmp_path / "img.png"
+    make_image(3).save(img)
+    rc = cli.main(["compare", "--image", str(img), "--question", "What colour is the circle?", "--methods", "vtc-cls,random,pool", "--keep", "64", "--repeats", "1", "--max-new-tokens", "4"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.strip()]
+    rows = {line.split()[0]: line for line in lines[2:]}
+    assert set(rows) == {"unpruned", "vtc-cls", "random", "pool"}
+    assert "576/576" in rows["unpruned"] and "1.00x" in rows["unpruned"]
+    for m in ("vtc-cls", "random"):
+        assert "64/576" in rows[m] and "ms" in rows[m]
+
+
+def test_compare_json(tmp_path, capsys):
+    img = tmp_path / "img.png"
+    make_image(4).save(img)
+    assert cli.main(["compare", "--image", str(img), "--question", "Is there a square?", "--methods", "vtc-cls", "--keep-ratio", "0.25", "--repeats", "1", "--max-new-tokens", "2", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["method"] for r in rows] == ["unpruned", "vtc-cls"]
+    assert rows[1]["visual_tokens"] == 144 and rows[1]["available"] == 576
+    assert all(r["prefill_s"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["--image", "missing.png", "--question", "hi"], "cannot read an image"),
+        (["--image", "README.md", "--question", "hi"], "cannot read an image"),
+        (["--image", "examples/shapes.png", "--question", "  "], "question is empty"),
+        (["--image", "examples/shapes.png", "--question", "hi", "--methods", "nope"], "unknown method 'nope'"),
+        (["--image", "examples/shapes.png", "--question", "hi", "--keep", "0"], "keep must be a positive int"),
+    ],
+)
+def test_compare_bad_input(argv, match, capsys, monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    assert cli.main(["compare", *argv, "--repeats", "1", "--max-new-tokens", "1"]) == 2
+    assert match in capsys.readouterr().err
+
+
+def test_bench_runs_side_by_side(llava):
+    model, proc = llava
+    res = bench_shape(model, proc, ["vtc-cls", "pool"], keep=64, repeats=1, warmup=0, label="tiny")
+    assert list(res["rows"]) == ["unpatched", "vtc-cls", "pool", "direct"]
+    assert res["rows"]["unpatched"]["visual_tokens"] == 576
+    assert res["rows"]["vtc-cls"]["visual_tokens"] == 64 and res["rows"]["direct"]["visual_tokens"] == 64
+    assert res["rows"]["unpatched"]["speedup_vs_unpatched"] == 1.0
+    text = format_result(res)
+    assert "direct" in text and "vs direct" in text
