@@ -49,14 +49,22 @@ class ImageContext:
 
 @dataclass
 class Selection:
-    """A method's answer for one image. `kept[p]` sorted ascending local indices; `groups[p][j]`
-    the image-level ids merged into kept token j (None = no merging)."""
+    """A method's answer for one image.
+
+    - `kept[p]`: sorted ascending local indices of partition p that reach the LLM.
+    - `groups[p][j]`: the image-level ids merged into kept token j (None = no merging).
+    - `scores[p]`: per-patch scores for reports (None: the core asks `Method.score`).
+    - `newline`, `base_order`: how the core packs `kept` (see anyres.layout).
+    - `slots`: an explicit emission order instead (image-level ids, anyres.NEWLINE for a newline) for
+      methods whose official packing differs from the stock order; `kept` is then derived from it.
+    """
 
     kept: list[torch.Tensor]
     groups: list[list[torch.Tensor]] | None = None
     scores: list[torch.Tensor] | None = None
     newline: str = "kept-rows"
     base_order: torch.Tensor | None = None
+    slots: torch.Tensor | None = None
 
 
 @dataclass
@@ -91,6 +99,11 @@ class Method:
             raise VTPruneError(f"{self.name} has no official implementation to reproduce; drop official=True")
         if self.position_mode is not None and self.position_mode not in POSITION_MODES:
             raise VTPruneError(f"{self.name}: position_mode must be one of {POSITION_MODES}, got {self.position_mode!r}")
+
+    @classmethod
+    def keep_all_params(cls) -> dict[str, Any]:
+        """Parameters under which the method keeps every visual token (the keep-all identity setting)."""
+        return {"keep": 10**9} if cls.needs_budget else {}
 
     def _has_own_budget(self) -> bool:
         """Methods with an official budget knob (e.g. HiRED token_budget_rate) override this."""

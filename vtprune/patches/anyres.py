@@ -253,3 +253,38 @@ def fill(geom: ImageGeometry, ranking: torch.Tensor, budget: int, newline: str =
         if crop:
             opened.add(row)
     return geom.split_ids(ranking[torch.tensor(take, dtype=torch.long)] if take else ranking[:0])
+
+
+def stock_offset(geom: ImageGeometry, ids: torch.Tensor) -> torch.Tensor:
+    """Stock offsets of image-level patch ids; crop cells outside the valid area get the offset of
+    the nearest valid cell (they have no slot of their own in the stock sequence)."""
+    ids = ids.to(torch.long).cpu()
+    P = geom.patches
+    part = torch.div(ids, P, rounding_mode="floor")
+    idx = ids % P
+    out = idx.clone()
+    crop = part > 0
+    if bool(crop.any()):
+        r, c = geom.canvas_rc(part[crop], idx[crop])
+        (r0, r1), (c0, c1) = geom.row_range, geom.col_range
+        r, c = r.clamp(r0, r1 - 1), c.clamp(c0, c1 - 1)
+        stride = geom.valid_w + (1 if geom.crop_newlines else 0)
+        out[crop] = geom.base_len + (r - r0) * stride + (c - c0)
+    return out
+
+
+def layout_from_slots(geom: ImageGeometry, slots: torch.Tensor) -> Layout:
+    """A Layout from an explicit emission order (image-level ids, NEWLINE for a newline), for methods
+    whose official packing differs from `layout()` (custom order, newlines per padded row, ...).
+    A newline's stock offset is the one just after the preceding patch token's stock offset."""
+    slots = slots.to(torch.long).cpu()
+    is_nl = slots == NEWLINE
+    offsets = torch.zeros_like(slots)
+    if bool((~is_nl).any()):
+        offsets[~is_nl] = stock_offset(geom, slots[~is_nl])
+    prev = 0
+    for j in torch.nonzero(is_nl).flatten().tolist():
+        before = offsets[:j][~is_nl[:j]]
+        prev = int(before[-1]) + 1 if before.numel() else 0
+        offsets[j] = prev
+    return Layout(slots, offsets, geom.split_ids(slots[~is_nl]))

@@ -36,10 +36,11 @@ class VisionTower:
     def num_layers(self) -> int:
         return len(self.layers)
 
-    def run(self, pixel_values: torch.Tensor, hidden_indices: list[int], on_layer=None) -> dict[int, torch.Tensor]:
+    def run(self, pixel_values: torch.Tensor, hidden_indices: list[int], on_layer=None, run_until: int | None = None) -> dict[int, torch.Tensor]:
         """Hidden states by index (0 = embeddings after pre-LN, k = output of layer k-1), running only
-        the layers needed. `on_layer(i, h) -> h` may replace a layer's output (in-tower pruning)."""
-        last = max(hidden_indices)
+        the layers needed (up to `run_until` layers when a signal is read past the feature layer).
+        `on_layer(i, h) -> h` may replace a layer's output (in-tower pruning)."""
+        last = max(hidden_indices) if run_until is None else max(run_until, max(hidden_indices))
         h = self.module.pre_layrnorm(self.module.embeddings(pixel_values))
         out = {0: h} if 0 in hidden_indices else {}
         for i, layer in enumerate(self.layers[:last]):
@@ -60,7 +61,8 @@ class ClsCapture:
         self.active = False
         self._pending: dict[int, dict[str, torch.Tensor]] = {}
         self.handles = []
-        for l in sorted(set(layers)):
+        self.layers = sorted(set(layers))
+        for l in self.layers:
             attn = tower.layers[l].self_attn
             self.handles.append(attn.q_proj.register_forward_hook(self._hook(l, attn, "q")))
             self.handles.append(attn.k_proj.register_forward_hook(self._hook(l, attn, "k")))

@@ -115,11 +115,13 @@ class LlavaAdapter:
         t0 = time.perf_counter()
         pixels, geoms, parts = self.split_pixels(pixel_values, image_sizes)
         idxs = self.hidden_indices(vision_feature_layer)
+        run_until = max(idxs)
         if capture is not None:
             capture.reset()
             capture.active = True
+            run_until = max([run_until] + [l + 1 for l in capture.layers])
         try:
-            hidden = self.tower.run(pixels, idxs)
+            hidden = self.tower.run(pixels, idxs, run_until=run_until)
         finally:
             if capture is not None:
                 capture.active = False
@@ -159,7 +161,10 @@ class LlavaAdapter:
                 scores = method.score(ctx)
             else:
                 scores = sel.scores if sel.scores is not None else method.score(ctx)
-            lay = anyres.layout(g, sel.kept, sel.newline, sel.base_order)
+            if sel.slots is not None:
+                lay = anyres.layout_from_slots(g, sel.slots)
+            else:
+                lay = anyres.layout(g, sel.kept, sel.newline, sel.base_order)
             feats_i = self._gather(lay, sel, proj[s : s + n], pre[s : s + n], newline, g)
             out.append(EncodedImage(feats_i, lay, g, ctx.available, ctx.budget, sel, scores))
         t2 = time.perf_counter()

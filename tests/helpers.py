@@ -1,0 +1,57 @@
+"""Shared test helpers (batches, hook snapshots, batch == single checks)."""
+
+import torch
+
+import vtprune
+from vtprune.testing import make_image, make_inputs
+
+
+def _batch(proc, sizes, questions=None):
+    questions = questions or ["What is red?", "How many circles are in the picture?", "Is there a blue square?"][: len(sizes)]
+    return make_inputs(proc, [make_image(10 + i, s) for i, s in enumerate(sizes)], questions)
+
+
+def _hooks(model):
+    return {
+        name: (tuple(m._forward_hooks), tuple(m._forward_pre_hooks), tuple(m._backward_hooks))
+        for name, m in model.named_modules()
+    }
+
+
+def _greedy(model, inputs, n=6):
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=n, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    T = inputs["input_ids"].shape[1]
+    return out.sequences[:, T:], torch.stack(out.logits, 1)
+
+
+def _sample(inputs, b, counts):
+    """Sample b of a processor batch, unpadded, as its own batch of one."""
+    keep = inputs["attention_mask"][b].bool()
+    first = sum(counts[:b])
+    out = {"input_ids": inputs["input_ids"][b : b + 1, keep], "attention_mask": inputs["attention_mask"][b : b + 1, keep]}
+    out["pixel_values"] = inputs["pixel_values"][first : first + counts[b]]
+    if "image_sizes" in inputs:
+        out["image_sizes"] = inputs["image_sizes"][first : first + counts[b]]
+    return out
+
+
+def _assert_batch_equals_single(model, inputs, counts, method, params):
+    with vtprune.pruned(model, method, **params) as pr:
+        toks, logits = _greedy(model, inputs)
+        batch_rep = pr.last
+        for b in range(len(counts)):
+            single = _sample(inputs, b, counts)
+            t1, l1 = _greedy(model, single)
+            images = [i for i, s in enumerate(batch_rep.sample_of) if s == b]
+            assert len(images) == counts[b]
+            for j, i in enumerate(images):
+                for p, kp in enumerate(batch_rep.kept[i]):
+                    assert torch.equal(kp, pr.last.kept[j][p]), f"sample {b} image {j} partition {p}: kept differs in batch"
+                assert batch_rep.num_visual_tokens[i] == pr.last.num_visual_tokens[j]
+            for step in range(t1.shape[1]):
+                torch.testing.assert_close(logits[b, step], l1[0, step], atol=1e-4, rtol=0)
+                top2 = torch.topk(l1[0, step], 2).values
+                if toks[b, step] != t1[0, step]:
+                    assert float(top2[0] - top2[1]) <= 1e-3, f"sample {b} step {step}: tokens differ with a clear margin"
+                    break
