@@ -358,9 +358,11 @@ def attention_entropy_ratio(model) -> float:  # pragma: no cover - diagnostic he
     return float((ent / math.log(spec_patches**2)).mean())
 
 
-def llava_around_tower(tower_config: dict, tower_state: dict, seed: int = 0, dtype=torch.float32):
-    """A random-weight LLaVA-1.5 whose vision tower is the given CLIP tower (config dict + state dict,
-    hub key layout with or without the `vision_model.` prefix) — e.g. a golden case's tower."""
+def llava_around_tower(tower_config: dict, tower_state: dict, seed: int = 0, dtype=torch.float32, next_: bool = False):
+    """A random-weight LLaVA-1.5 (or, with `next_=True`, LLaVA-NeXT with pinpoints 1x2, 2x1, 2x2, 3x1,
+    1x3 of the tower's image size) whose vision tower is the given CLIP tower (config dict + state
+    dict, hub key layout with or without the `vision_model.` prefix) — e.g. a golden case's tower.
+    Returns (model, tokenizer)."""
     from transformers import CLIPVisionConfig
 
     cfg = {k: v for k, v in tower_config.items() if k != "model_type"}
@@ -374,7 +376,7 @@ def llava_around_tower(tower_config: dict, tower_state: dict, seed: int = 0, dty
         vision_mlp=vision.intermediate_size,
         attention_gain=1.0,
     )
-    model, tok = _build(spec, False, seed, torch.float32, "sdpa")
+    model, tok = _build(spec, next_, seed, torch.float32, "sdpa")
     state = {k.removeprefix("vision_model."): v.float() for k, v in tower_state.items()}
     missing, unexpected = model.model.vision_tower.load_state_dict(state, strict=False)
     missing = [m for m in missing if "post_layernorm" not in m]
