@@ -49,6 +49,9 @@ def _assert_batch_equals_single(model, inputs, counts, method, params):
                 for p, kp in enumerate(batch_rep.kept[i]):
                     assert torch.equal(kp, pr.last.kept[j][p]), f"sample {b} image {j} partition {p}: kept differs in batch"
                 assert batch_rep.num_visual_tokens[i] == pr.last.num_visual_tokens[j]
+                assert batch_rep.tokens_per_layer[i] == pr.last.tokens_per_layer[j]
+                for sb, ss in zip(batch_rep.stages[i], pr.last.stages[j]):
+                    assert sb.layer == ss.layer and torch.equal(sb.surviving, ss.surviving), f"sample {b}: in-LLM stage differs in batch"
             for step in range(t1.shape[1]):
                 torch.testing.assert_close(logits[b, step], l1[0, step], atol=1e-4, rtol=0)
                 top2 = torch.topk(l1[0, step], 2).values

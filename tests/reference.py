@@ -131,3 +131,44 @@ def greedy_reference(model, input_ids, feats, stock_pos, n_new, position_mode="c
             emb = torch.cat([emb, model.get_input_embeddings()(torch.tensor([[nxt]]))], 1)
             positions = torch.cat([positions, positions[-1:] + 1])
     return out
+
+
+def llm_by_hand(model, embeds, cut_layer=None, keep_cols=None, position_mode="compact", score_fn=None, vis_cols=None, budget=None, positions=None):
+    """Batch-1, unpadded, uncached forward of the language model layer by layer (no vtprune hooks),
+    optionally dropping tokens after `cut_layer`: either the given `keep_cols`, or the ones chosen by
+    `score_fn(q_last, k_vis, v_last, v_vis, kv_groups, scaling)` over `vis_cols` (top `budget`),
+    computed here from the layer's own projections. Returns (last-token logits, kept columns)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    lm = model.model.language_model
+    T = embeds.shape[1]
+    h = embeds
+    pos = torch.arange(T)[None] if positions is None else positions
+    cos_sin = lm.rotary_emb(h, pos)
+    with torch.no_grad():
+        for j, layer in enumerate(lm.layers):
+            if j == cut_layer and keep_cols is None:
+                attn = layer.self_attn
+                x = layer.input_layernorm(h)
+                d = attn.head_dim
+                q = attn.q_proj(x).view(1, T, -1, d).transpose(1, 2)
+                k = attn.k_proj(x).view(1, T, -1, d).transpose(1, 2)
+                v = attn.v_proj(x).view(1, T, -1, d).transpose(1, 2)
+                q, k = apply_rotary_pos_emb(q, k, *cos_sin)
+                V = vis_cols.numel()
+                if V > budget:
+                    s = score_fn(q[0, :, T - 1], k[0][:, vis_cols], v[0, :, T - 1], v[0][:, vis_cols], attn.num_key_value_groups, attn.scaling)
+                    kept_vis = vis_cols[torch.sort(torch.topk(s, budget).indices).values]
+                else:
+                    kept_vis = vis_cols
+                drop = torch.zeros(T, dtype=torch.bool)
+                drop[vis_cols] = True
+                drop[kept_vis] = False
+                keep_cols = torch.nonzero(~drop).flatten()
+            h = layer(h, attention_mask=None, position_ids=pos, position_embeddings=cos_sin, cache=None, use_cache=False)
+            if j == cut_layer:
+                h = h[:, keep_cols]
+                pos = torch.arange(keep_cols.numel())[None] if position_mode == "compact" else pos[:, keep_cols]
+                cos_sin = lm.rotary_emb(h, pos)
+        h = lm.norm(h)
+        return model.lm_head(h[:, -1])[0], keep_cols

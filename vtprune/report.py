@@ -19,7 +19,9 @@ image; for LLaVA-NeXT 1.. = the crops in row-major grid order):
   the figure that compares across methods.
 - `input_keep`: bool `[batch, original_length]`, which positions of the caller's sequence reach
   the LLM; `new_index`: long `[batch, original_length]`, their position in the shrunk sequence
-  (-1 where removed). Use them to align logits with the caller's tokens.
+  (-1 where removed). Use them to align logits with the caller's tokens. Methods that also prune
+  inside the LLM set `output_index` `[batch, llm_input_length]`: where each LLM input position ends
+  up in the output (logits) sequence, -1 if dropped.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class Report:
     grids: list[tuple[int, int]] = field(default_factory=list)
     input_keep: torch.Tensor | None = None
     new_index: torch.Tensor | None = None
+    output_index: torch.Tensor | None = None
     position_mode: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
 

@@ -39,8 +39,9 @@ class ImageContext:
     budget: int  # visual tokens allowed to reach the LLM
     available: int  # unpruned count
     cls_logits: dict[int, torch.Tensor]  # layer -> [partitions, heads, tokens] pre-softmax CLS row (fp32, CLS at 0)
-    features: torch.Tensor  # [partitions, patches, D] pre-projector patch features (CLS removed)
+    features: torch.Tensor  # [partitions, rows, D] pre-projector patch features (CLS removed)
     key: int  # a stable per-image key (hash of its pixels): seeds that must not depend on batch position
+    tile_ids: list[torch.Tensor] | None = None  # after an in-tower stage: the patch id of each feature row, per partition
 
     def cls_probs(self, layer: int) -> torch.Tensor:
         """[partitions, heads, patches]: softmax over all keys (CLS included), CLS column dropped."""
@@ -141,6 +142,37 @@ class Method:
         """Raise for a model family or batch the method cannot serve."""
         if family not in self.families:
             raise VTPruneError(f"{self.name} is not defined for {family} models; it supports {', '.join(self.families)}")
+
+    # --- the stage inside the vision tower (optional) -----------------------------------------------
+    def vision_stage_layers(self, num_layers: int, feature_layer: int) -> list[int]:
+        """Vision layers after which `vision_step` runs (their q/k/v projections are captured)."""
+        return []
+
+    def vision_prunes(self, geometry, budget: int) -> bool:
+        """Whether the in-tower stage removes anything for this image (else the tower runs unchanged)."""
+        return False
+
+    def vision_groups(self, tiles_per_image: list[int]) -> list[list[int]]:
+        """Images whose tiles run through the tower together (they may share a schedule).
+        Default: each image alone, so nothing depends on batch neighbours."""
+        return [[i] for i in range(len(tiles_per_image))]
+
+    def vision_begin(self, geometries, budgets, tiles_per_image, feature_layer: int, num_layers: int):
+        """Per-run state of the in-tower stage for the images of one group."""
+        raise NotImplementedError
+
+    def vision_step(self, state, layer: int, hidden: torch.Tensor, qkv: dict, attn) -> torch.Tensor:
+        """After vision layer `layer`: the (possibly shortened) hidden states, CLS first."""
+        return hidden
+
+    def vision_kept(self, state) -> list[torch.Tensor]:
+        """Per tile of the run, the patch id of each remaining row (ascending raster order)."""
+        raise NotImplementedError
+
+    # --- the stage inside the LLM (optional) ---------------------------------------------------------
+    def llm_stages(self, family: str, num_layers: int) -> list:
+        """In-LLM stages (vtprune.patches.decoder.LLMStage) for this model family."""
+        return []
 
     # --- the stage between vision tower and LLM -----------------------------------------------------
     def score(self, image: ImageContext) -> list[torch.Tensor] | None:

@@ -53,35 +53,68 @@ class VisionTower:
 
 
 class ClsCapture:
-    """Forward hooks on `q_proj`/`k_proj` of chosen layers that record the CLS query's pre-softmax
-    attention logits over all keys, `[batch, heads, tokens]` in float32, while `active`."""
+    """Forward hooks on the attention projections of chosen layers, active only while `active`:
 
-    def __init__(self, tower: VisionTower, layers: list[int]):
+    - `layers` (CLS layers): record the CLS query's pre-softmax attention logits over all keys,
+      `logits[layer]` = `[batch, heads, tokens]` float32 (tower runs of one call are concatenated
+      along the batch; shorter token axes are padded with -inf);
+    - `qkv_layers`: keep the layer's raw projection outputs (`q` CLS row `[B, D]`, `k`, `v`
+      `[B, n, D]`) in `current[layer]` for an in-tower stage to consume right after the layer.
+    """
+
+    def __init__(self, tower: VisionTower, layers: list[int], qkv_layers: list[int] = ()):
         self.logits: dict[int, torch.Tensor] = {}
+        self.current: dict[int, dict[str, torch.Tensor]] = {}
         self.active = False
         self._pending: dict[int, dict[str, torch.Tensor]] = {}
+        self._runs: dict[int, list[torch.Tensor]] = {}
         self.handles = []
         self.layers = sorted(set(layers))
-        for l in self.layers:
+        self.qkv_layers = sorted(set(qkv_layers))
+        self.attn = {}
+        for l in sorted(set(self.layers) | set(self.qkv_layers)):
             attn = tower.layers[l].self_attn
-            self.handles.append(attn.q_proj.register_forward_hook(self._hook(l, attn, "q")))
-            self.handles.append(attn.k_proj.register_forward_hook(self._hook(l, attn, "k")))
+            self.attn[l] = attn
+            kinds = ("q", "k", "v") if l in self.qkv_layers else ("q", "k")
+            for kind in kinds:
+                proj = getattr(attn, f"{kind}_proj")
+                self.handles.append(proj.register_forward_hook(self._hook(l, attn, kind)))
 
     def _hook(self, layer: int, attn: nn.Module, kind: str):
         def hook(module, args, output):
             if not self.active:
                 return None
-            slot = self._pending.setdefault(layer, {})
-            slot[kind] = output[:, 0] if kind == "q" else output
-            if "q" in slot and "k" in slot:
-                self.logits[layer] = cls_logits(slot.pop("q"), slot.pop("k"), attn)
+            value = output[:, 0] if kind == "q" else output
+            if layer in self.qkv_layers:
+                self.current.setdefault(layer, {})[kind] = value
+            if layer in self.layers:
+                slot = self._pending.setdefault(layer, {})
+                slot[kind] = value
+                if "q" in slot and "k" in slot:
+                    self._runs.setdefault(layer, []).append(cls_logits(slot.pop("q"), slot.pop("k"), attn))
+                    self.logits.pop(layer, None)
             return None
 
         return hook
 
+    def collect(self) -> dict[int, torch.Tensor]:
+        """CLS logits of every tower run since `reset()`, concatenated along the batch."""
+        for layer, runs in self._runs.items():
+            if layer in self.logits:
+                continue
+            n = max(r.shape[-1] for r in runs)
+            runs = [torch.nn.functional.pad(r, (0, n - r.shape[-1]), value=float("-inf")) for r in runs]
+            self.logits[layer] = torch.cat(runs, 0)
+        return self.logits
+
+    def pop(self, layer: int) -> dict[str, torch.Tensor]:
+        return self.current.pop(layer, {})
+
     def reset(self) -> None:
         self.logits = {}
+        self.current = {}
         self._pending = {}
+        self._runs = {}
 
     def remove(self) -> None:
         for h in self.handles:

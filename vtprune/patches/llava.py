@@ -115,46 +115,71 @@ class LlavaAdapter:
         t0 = time.perf_counter()
         pixels, geoms, parts = self.split_pixels(pixel_values, image_sizes)
         idxs = self.hidden_indices(vision_feature_layer)
+        budgets = [method.budget(g.stock_count()) for g in geoms]
+        starts = [sum(parts[:i]) for i in range(len(parts))]
+        stage_layers = method.vision_stage_layers(self.tower.num_layers, self.feature_layer())
+        in_tower = bool(stage_layers) and any(method.vision_prunes(g, b) for g, b in zip(geoms, budgets))
+        if in_tower and len(idxs) > 1:
+            raise VTPruneError(f"{method.name} prunes inside the vision tower; it needs a single vision_feature_layer")
+        groups = method.vision_groups(parts) if in_tower else [list(range(len(parts)))]
         run_until = max(idxs)
         if capture is not None:
             capture.reset()
-            capture.active = True
             run_until = max([run_until] + [l + 1 for l in capture.layers])
-        try:
-            hidden = self.tower.run(pixels, idxs, run_until=run_until)
-        finally:
+        per_image: dict[int, tuple] = {}
+        for grp in groups:
+            rows = torch.cat([torch.arange(starts[i], starts[i] + parts[i]) for i in grp])
+            tiles = pixels if len(groups) == 1 else pixels[rows.to(pixels.device)]
+            state = method.vision_begin([geoms[i] for i in grp], [budgets[i] for i in grp], [parts[i] for i in grp], self.feature_layer(), self.tower.num_layers) if in_tower else None
+
+            def on_layer(layer, h, state=state):
+                if layer in capture.qkv_layers:
+                    return method.vision_step(state, layer, h, capture.pop(layer), capture.attn[layer])
+                return h
+
             if capture is not None:
-                capture.active = False
-        feats = [hidden[i] for i in idxs]
-        pre = feats[0] if len(feats) == 1 else torch.cat(feats, dim=-1)
-        pre = pre[:, 1:]  # CLS dropped ('default' strategy)
-        proj = self.projector(pre)  # over every patch, exactly as transformers does
+                capture.active = True
+            try:
+                hidden = self.tower.run(tiles, idxs, on_layer if in_tower else None, run_until=run_until)
+            finally:
+                if capture is not None:
+                    capture.active = False
+            feats = [hidden[i] for i in idxs]
+            pre = feats[0] if len(feats) == 1 else torch.cat(feats, dim=-1)
+            pre = pre[:, 1:]  # CLS dropped ('default' strategy)
+            proj = self.projector(pre)  # over every remaining patch of the run, as transformers does
+            ids = method.vision_kept(state) if in_tower else None
+            s = 0
+            for i in grp:
+                n = parts[i]
+                tile_ids = [ids[s + p] for p in range(n)] if ids is not None else None
+                per_image[i] = (pre[s : s + n], proj[s : s + n], tile_ids)
+                s += n
         t1 = time.perf_counter()
 
-        logits = capture.logits if capture is not None else {}
-        contexts, starts = [], []
-        start = 0
+        logits = capture.collect() if capture is not None else {}
+        contexts = []
         for i, (g, n) in enumerate(zip(geoms, parts)):
-            available = g.stock_count()
+            pre_i, _, tile_ids = per_image[i]
             ctx = ImageContext(
                 index=i,
                 geometry=g,
-                budget=method.budget(available),
-                available=available,
-                cls_logits={l: v[start : start + n] for l, v in logits.items()},
-                features=pre[start : start + n],
-                key=_LazyKey(pixels[start : start + n]),
+                budget=budgets[i],
+                available=g.stock_count(),
+                cls_logits={l: v[starts[i] : starts[i] + n] for l, v in logits.items()},
+                features=pre_i,
+                key=_LazyKey(pixels[starts[i] : starts[i] + n]),
+                tile_ids=tile_ids,
             )
             contexts.append(ctx)
-            starts.append(start)
-            start += n
 
         prune = [c for c in contexts if c.budget < c.available]
         chosen = dict(zip((c.index for c in prune), method.select_batch(prune))) if prune else {}
         out = []
         newline = self.newline_param()
-        for ctx, s in zip(contexts, starts):
-            g, n = ctx.geometry, ctx.geometry.num_partitions
+        for ctx in contexts:
+            g = ctx.geometry
+            _, proj_i, tile_ids = per_image[ctx.index]
             sel = chosen.get(ctx.index)
             if sel is None:  # keep everything: the stock layout
                 sel = Selection(kept=g.full_selection(), newline="all-rows")
@@ -165,15 +190,26 @@ class LlavaAdapter:
                 lay = anyres.layout_from_slots(g, sel.slots)
             else:
                 lay = anyres.layout(g, sel.kept, sel.newline, sel.base_order)
-            feats_i = self._gather(lay, sel, proj[s : s + n], pre[s : s + n], newline, g)
+            feats_i = self._gather(lay, sel, proj_i, ctx.features, newline, g, tile_ids)
             out.append(EncodedImage(feats_i, lay, g, ctx.available, ctx.budget, sel, scores))
         t2 = time.perf_counter()
         return out, {"vision_s": t1 - t0, "select_s": t2 - t1}
 
-    def _gather(self, lay: Layout, sel: Selection, proj: torch.Tensor, pre: torch.Tensor, newline, g: ImageGeometry) -> torch.Tensor:
+    def _gather(self, lay: Layout, sel: Selection, proj: torch.Tensor, pre: torch.Tensor, newline, g: ImageGeometry, tile_ids=None) -> torch.Tensor:
         slots = lay.slots.to(proj.device)
         P = g.patches
         flat = proj.reshape(-1, proj.shape[-1])
+        if tile_ids is not None:  # the tower shortened the tiles: map image-level ids to rows
+            row_of = torch.full((g.num_partitions * P,), -1, dtype=torch.long)
+            rows_per_tile = proj.shape[1]
+            for p, ids in enumerate(tile_ids):
+                row_of[p * P + ids.cpu()] = p * rows_per_tile + torch.arange(ids.numel())
+            patch = slots != NEWLINE
+            mapped = row_of[slots[patch].cpu()].to(slots.device)
+            if bool((mapped < 0).any()):
+                raise VTPruneError("a selected patch did not survive the in-tower stage (method bug)")
+            slots = slots.clone()
+            slots[patch] = mapped
         if sel.groups is not None:
             # merged tokens: average the pre-projector features of each group, then project
             lookup = {}

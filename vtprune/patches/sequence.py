@@ -33,6 +33,7 @@ class Shrunk:
     new_index: torch.Tensor  # long [B, T], -1 where removed
     sample_of: list[int]
     length: int
+    image_cols: list[torch.Tensor]  # per image: columns of its placeholders in the caller's sequence
 
 
 def assign_images(image_mask: torch.Tensor, counts: list[int]) -> tuple[list[int], list[torch.Tensor]]:
@@ -68,17 +69,19 @@ def padding_side(attention_mask: torch.Tensor | None) -> str:
 
 
 def original_positions(
-    mode: str, batch: int, length: int, device, attention_mask=None, position_ids=None, past: int = 0
+    mode: str, batch: int, length: int, device, attention_mask=None, position_ids=None, past: int = 0, past_mask=None
 ) -> torch.Tensor:
     """The positions the unpatched model would give each token: the caller's `position_ids`, else
-    generate()'s rule (attention-mask cumsum, pads at 0), else forward()'s rule (arange + past)."""
+    generate()'s rule (attention-mask cumsum over the cache and the prompt, pads at 0), else
+    forward()'s rule (arange + past)."""
     if position_ids is not None:
         if position_ids.dim() != 2:
             raise VTPruneError("position_ids must be 2-D [batch, length] for pruned LLaVA models")
         return position_ids.expand(batch, -1)
     if mode == "generate" and attention_mask is not None:
-        pos = attention_mask.long().cumsum(-1) - 1
-        return pos.masked_fill(attention_mask == 0, 0)
+        full = attention_mask if past_mask is None else torch.cat([past_mask.to(attention_mask), attention_mask], 1)
+        pos = full.long().cumsum(-1) - 1
+        return pos.masked_fill(full == 0, 0)[:, -length:]
     return (torch.arange(length, device=device) + past).unsqueeze(0).expand(batch, -1)
 
 
@@ -96,6 +99,7 @@ def shrink(
     mode: str = "generate",
     pad_id: int = 0,
     past: int = 0,
+    past_mask: torch.Tensor | None = None,
 ) -> Shrunk:
     """Rebuild the prompt so that image `i` has `len(offsets[i])` placeholders (its packed tokens,
     whose stock offsets are `offsets[i]`)."""
@@ -104,7 +108,7 @@ def shrink(
     sample_of, cols = assign_images(image_mask, counts)
     keep = ~image_mask
     need_pos = position_mode == "original" or position_ids is not None
-    orig_pos = original_positions(mode, B, T, device, attention_mask, position_ids, past) if need_pos else None
+    orig_pos = original_positions(mode, B, T, device, attention_mask, position_ids, past, past_mask) if need_pos else None
     pos_src = orig_pos.clone() if orig_pos is not None else None
     for i, (b, c) in enumerate(zip(sample_of, cols)):
         k = int(offsets[i].numel())
@@ -143,6 +147,9 @@ def shrink(
     if position_mode == "original":
         new_pos = take(pos_src, 0)
     elif position_ids is not None:
-        removed_before = (~keep).long().cumsum(1)
-        new_pos = take(orig_pos - removed_before, 0)
-    return Shrunk(new_ids, new_embeds, new_mask, new_labels, new_pos, keep, new_index, sample_of, L)
+        # contiguous renumbering; a position reset (packed sequences) restarts the count
+        removed = (~keep).long()
+        c = removed.cumsum(1)
+        start = torch.where(orig_pos == 0, c - removed, torch.zeros_like(c)).cummax(1).values
+        new_pos = take(orig_pos - (c - start), 0)
+    return Shrunk(new_ids, new_embeds, new_mask, new_labels, new_pos, keep, new_index, sample_of, L, cols)
