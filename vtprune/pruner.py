@@ -57,7 +57,8 @@ class Pruner:
         try:
             self._capture = ClsCapture(self.adapter.tower, layers, qkv) if (layers or qkv) else None
             if stages:
-                self._decoder = DecoderPruner(lm, stages, self.method.policy("position_mode"))
+                evict = self.method.llm_evict_layers(self.adapter.family, len(lm.layers))
+                self._decoder = DecoderPruner(lm, stages, self.method.policy("position_mode"), evict)
             for name in ("forward", "generate", "__deepcopy__"):
                 self._saved[name] = model.__dict__.get(name, _MISSING)
             orig_forward, orig_generate = model.forward, model.generate
@@ -354,7 +355,10 @@ class Pruner:
         for im in images:
             groups = im.selection.groups
             rep.kept.append(im.layout.kept)
-            rep.sources.append(_align_sources(im.layout.kept, im.selection, im.geometry) if groups is not None else None)
+            if im.selection.sources is not None:
+                rep.sources.append(_align_sources(im.layout.kept, im.selection, im.geometry, im.selection.sources))
+            else:
+                rep.sources.append(_align_sources(im.layout.kept, im.selection, im.geometry) if groups is not None else None)
             rep.scores.append(im.scores)
             rep.stages.append([])
             n = len(im.layout)
@@ -386,11 +390,12 @@ class Pruner:
         return out
 
 
-def _align_sources(kept, sel, geom):
+def _align_sources(kept, sel, geom, groups=None):
     """Per partition, the merge groups aligned with the (possibly filtered) kept indices."""
+    groups = sel.groups if groups is None else groups
     out = []
     for p, kp in enumerate(kept):
-        src = dict(zip(sel.kept[p].tolist(), sel.groups[p])) if p < len(sel.kept) else {}
+        src = dict(zip(sel.kept[p].tolist(), groups[p])) if p < len(sel.kept) else {}
         out.append([src.get(i, torch.tensor([p * geom.patches + i])) for i in kp.tolist()])
     return out
 

@@ -36,7 +36,16 @@ def get(name: str) -> type:
     return _REGISTRY[key]
 
 
-def build(name: str, **params: Any):
+def build(name, **params: Any):
+    """A method instance from a registered name and parameters (or a Method instance, as is)."""
+    from .methods.base import Method
+
+    if isinstance(name, Method):
+        if params:
+            raise VTPruneError("pass parameters to the method's constructor, not to patch(), when giving a Method instance")
+        return name
+    if not isinstance(name, str):
+        raise VTPruneError(f"method must be a registered name or a vtprune Method instance, got {type(name).__name__}")
     cls = get(name)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(params) - set(names))

@@ -75,6 +75,7 @@ class TinySpec:
     text_kv_heads: int = 2
     text_mlp: int = 128
     attention_gain: float = 12.0
+    text_model: str = "llama"  # or "qwen2"
 
     @property
     def grid(self) -> int:
@@ -163,7 +164,12 @@ def _configs(spec: TinySpec, tok, next_: bool, attn_implementation: str):
         hidden_act="quick_gelu",
         projection_dim=spec.vision_hidden,
     )
-    text = LlamaConfig(
+    text_cls = LlamaConfig
+    if spec.text_model == "qwen2":
+        from transformers import Qwen2Config as text_cls
+    elif spec.text_model != "llama":
+        raise ValueError(f"text_model must be 'llama' or 'qwen2', got {spec.text_model!r}")
+    text = text_cls(
         vocab_size=len(tok),
         hidden_size=spec.text_hidden,
         intermediate_size=spec.text_mlp,

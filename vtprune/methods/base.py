@@ -42,6 +42,7 @@ class ImageContext:
     features: torch.Tensor  # [partitions, rows, D] pre-projector patch features (CLS removed)
     key: int  # a stable per-image key (hash of its pixels): seeds that must not depend on batch position
     tile_ids: list[torch.Tensor] | None = None  # after an in-tower stage: the patch id of each feature row, per partition
+    tile_sources: list[list[torch.Tensor]] | None = None  # after an in-tower merge: per partition, per row, the merged patch ids
 
     def cls_probs(self, layer: int) -> torch.Tensor:
         """[partitions, heads, patches]: softmax over all keys (CLS included), CLS column dropped."""
@@ -58,6 +59,9 @@ class Selection:
     - `newline`, `base_order`: how the core packs `kept` (see anyres.layout).
     - `slots`: an explicit emission order instead (image-level ids, anyres.NEWLINE for a newline) for
       methods whose official packing differs from the stock order; `kept` is then derived from it.
+    - `sources[p][j]`: for tokens merged *before* selection (in the tower), the image-level ids merged
+      into kept token j of partition p — reported in `pruner.last.sources` only (the core does not
+      merge again; `groups` is for merging that the core performs).
     """
 
     kept: list[torch.Tensor]
@@ -66,6 +70,7 @@ class Selection:
     newline: str = "kept-rows"
     base_order: torch.Tensor | None = None
     slots: torch.Tensor | None = None
+    sources: list[list[torch.Tensor]] | None = None
 
 
 @dataclass
@@ -166,12 +171,21 @@ class Method:
         return hidden
 
     def vision_kept(self, state) -> list[torch.Tensor]:
-        """Per tile of the run, the patch id of each remaining row (ascending raster order)."""
+        """Per tile of the run, the patch id of each remaining row (a merged row: its representative)."""
         raise NotImplementedError
+
+    def vision_sources(self, state) -> list[list[torch.Tensor]] | None:
+        """Per tile, per remaining row, the patch ids merged into it (None: nothing was merged)."""
+        return None
 
     # --- the stage inside the LLM (optional) ---------------------------------------------------------
     def llm_stages(self, family: str, num_layers: int) -> list:
         """In-LLM stages (vtprune.patches.decoder.LLMStage) for this model family."""
+        return []
+
+    def llm_evict_layers(self, family: str, num_layers: int) -> list[int]:
+        """Decoder layers whose KV cache keeps, at the end of prefill, only the visual tokens that
+        survived every stage (MustDrop's output-aware cache); default none."""
         return []
 
     # --- the stage between vision tower and LLM -----------------------------------------------------

@@ -85,7 +85,8 @@ class _Run:
     cos_sin: dict = field(default_factory=dict)
     surviving: list = field(default_factory=list)  # per image: indices into the visual segment as it entered the LLM
     counts: list = field(default_factory=list)  # per image: [(first layer, count)]
-    col_map: torch.Tensor | None = None  # [B, T] current column of each LLM-input position, -1 dropped
+    seq_maps: list = field(default_factory=list)  # per sequence so far (0 = LLM input): [B, T_s] -> current column, -1 dropped
+    layer_state: dict = field(default_factory=dict)  # decode: layer -> _StageState of what its cache holds
     call_mask: torch.Tensor | None = None
     call_pos: torch.Tensor | None = None
     decode_cache: dict = field(default_factory=dict)
@@ -97,7 +98,7 @@ def _padding_side(mask2d: torch.Tensor) -> str:
 
 
 class DecoderPruner:
-    def __init__(self, language_model: nn.Module, stages: list[LLMStage], position_mode: str = "compact"):
+    def __init__(self, language_model: nn.Module, stages: list[LLMStage], position_mode: str = "compact", evict_layers=()):
         layers = getattr(language_model, "layers", None)
         if layers is None or not hasattr(language_model, "rotary_emb"):
             raise UnsupportedModelError(
@@ -114,6 +115,10 @@ class DecoderPruner:
             if not 0 <= s.layer < len(layers) - 1:
                 raise UnsupportedModelError(f"an in-LLM stage after layer {s.layer} needs a decoder with more than {s.layer + 1} layers")
         self.position_mode = position_mode
+        self.evict_layers = sorted(set(evict_layers))
+        for j in self.evict_layers:
+            if not 0 <= j < len(layers):
+                raise UnsupportedModelError(f"cannot evict the cache of layer {j}: the decoder has {len(layers)} layers")
         self.pending: PrefillRequest | None = None
         self.run: _Run | None = None
         self.handles = []
@@ -122,7 +127,7 @@ class DecoderPruner:
         self.handles.append(language_model.register_forward_pre_hook(self._on_lm_call, with_kwargs=True))
         self.handles.append(language_model.register_forward_hook(self._on_lm_done))
         for j, layer in enumerate(layers):
-            if j > first or j in self.stage_layers:
+            if j > first or j in self.stage_layers or j in self.evict_layers:
                 self.handles.append(layer.register_forward_pre_hook(self._pre_layer(j), with_kwargs=True))
             if j in self.stage_layers:
                 self.handles.append(layer.register_forward_hook(self._post_layer(j)))
@@ -169,7 +174,7 @@ class DecoderPruner:
             self.run = _Run(cache, T, m2, pos, list(req.images), list(req.budgets), req.report, _padding_side(m2))
             self.run.surviving = [torch.arange(c.numel()) for _, c in req.images]
             self.run.counts = [[(0, int(c.numel()))] for _, c in req.images]
-            self.run.col_map = torch.arange(T, device=embeds.device)[None].expand(B, T).clone()
+            self.run.seq_maps = [torch.arange(T, device=embeds.device)[None].expand(B, T).clone()]
             return None
         run = self.run
         if run is not None and not run.prefill and cache is not None and cache is run.cache:
@@ -197,10 +202,43 @@ class DecoderPruner:
                         c = [n for first, n in counts if first <= j][-1]
                         per_layer.append(c)
                     rep.tokens_per_layer[i] = per_layer
-                rep.output_index = run.col_map
+                rep.output_index = run.seq_maps[0]
+            if run.cache is None:  # the model created its cache inside this call
+                run.cache = getattr(output, "cache", None) if not isinstance(output, tuple) else None
             if run.cache is None:
                 self.run = None
+            else:
+                self._finish_prefill(run)
         return None
+
+    def _finish_prefill(self, run: _Run) -> None:
+        """Decode-time state of every layer whose cache differs from layer 0's, and the end-of-prefill
+        eviction: the caches of `evict_layers` keep only the tokens that survived every stage."""
+        for j in range(len(self.layers)):
+            s = self._stage_for(j)
+            if s is not None and s in run.stages:
+                run.layer_state[j] = run.stages[s]
+        if not run.stages or not self.evict_layers:
+            return
+        final_idx = max(run.stages)
+        final = run.stages[final_idx]
+        n_seq = len(run.seq_maps) - 1  # index of the final sequence
+        L = final.mask2d.shape[1]
+        for j in self.evict_layers:
+            held = sum(1 for s in self.stages if s.layer < j and self.stages.index(s) in run.stages)
+            if held >= n_seq:
+                continue
+            layer = run.cache.layers[j]
+            m = run.seq_maps[held].to(layer.keys.device)  # [B, T_held] -> final column or -1
+            B = layer.keys.shape[0]
+            keep = m >= 0
+            rows = torch.arange(B, device=m.device)[:, None].expand_as(m)[keep]
+            for name in ("keys", "values"):
+                src = getattr(layer, name)
+                out = src.new_zeros(B, src.shape[1], L, src.shape[-1])
+                out[rows, :, m[keep]] = src.permute(0, 2, 1, 3)[keep]
+                setattr(layer, name, out)
+            run.layer_state[j] = final
 
     # --- hooks on the layers -----------------------------------------------------------------------------
     def _proj_hook(self, j: int, kind: str):
@@ -225,22 +263,23 @@ class DecoderPruner:
             run = self.run
             if run is None:
                 return None
-            s = self._stage_for(j)
             changed = False
-            if s is not None and s in run.stages:
-                st = run.stages[s]
-                if run.prefill:
+            if run.prefill:
+                s = self._stage_for(j)
+                if s is not None and s in run.stages:
+                    st = run.stages[s]
                     kwargs["attention_mask"] = st.masks[self._layer_type(j)]
                     kwargs["position_embeddings"] = st.cos_sin
                     kwargs["position_ids"] = st.pos
                     changed = True
-                elif run.call_pos is not None:
-                    hidden = args[0] if args else kwargs["hidden_states"]
-                    mask, cos_sin, pos = self._decode_inputs(run, s, st, hidden, j)
-                    kwargs["attention_mask"] = mask
-                    kwargs["position_embeddings"] = cos_sin
-                    kwargs["position_ids"] = pos
-                    changed = True
+            elif run.call_pos is not None and j in run.layer_state:
+                st = run.layer_state[j]
+                hidden = args[0] if args else kwargs["hidden_states"]
+                mask, cos_sin, pos = self._decode_inputs(run, st, hidden, j)
+                kwargs["attention_mask"] = mask
+                kwargs["position_embeddings"] = cos_sin
+                kwargs["position_ids"] = pos
+                changed = True
             if run.prefill and j in self.stage_layers:
                 run.cos_sin[j] = kwargs.get("position_embeddings")
             return (args, kwargs) if changed else None
@@ -262,8 +301,8 @@ class DecoderPruner:
             out[kind] = fn(config=self.config, inputs_embeds=hidden, attention_mask=mask2d, cache=cache, position_ids=pos, layer_idx=first_layer if cache is not None else None)
         return out
 
-    def _decode_inputs(self, run, s, st, hidden, j):
-        key = (s, self._layer_type(j))
+    def _decode_inputs(self, run, st, hidden, j):
+        key = (id(st), self._layer_type(j))
         if key not in run.decode_cache:
             if run.call_mask is not None:
                 extra = run.call_mask[:, run.T :]
@@ -354,6 +393,6 @@ class DecoderPruner:
         cos_sin = self.lm.rotary_emb(h_new, p_new)
         run.stages[s] = _StageState(m_new, p_new, cos_sin, self._masks(h_new, m_new, p_new, j + 1), removed_total, j + 1)
         run.images = [(b, new_index[b, c]) for b, c in new_images]
-        cm = run.col_map
-        run.col_map = torch.where(cm >= 0, new_index.gather(1, cm.clamp_min(0)), cm)
+        run.seq_maps = [torch.where(m >= 0, new_index.gather(1, m.clamp_min(0)), m) for m in run.seq_maps]
+        run.seq_maps.append(torch.arange(L, device=hidden.device)[None].expand(B, L).clone())
         return h_new

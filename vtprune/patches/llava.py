@@ -149,18 +149,20 @@ class LlavaAdapter:
             pre = pre[:, 1:]  # CLS dropped ('default' strategy)
             proj = self.projector(pre)  # over every remaining patch of the run, as transformers does
             ids = method.vision_kept(state) if in_tower else None
+            srcs = method.vision_sources(state) if in_tower else None
             s = 0
             for i in grp:
                 n = parts[i]
                 tile_ids = [ids[s + p] for p in range(n)] if ids is not None else None
-                per_image[i] = (pre[s : s + n], proj[s : s + n], tile_ids)
+                tile_srcs = [srcs[s + p] for p in range(n)] if srcs is not None else None
+                per_image[i] = (pre[s : s + n], proj[s : s + n], tile_ids, tile_srcs)
                 s += n
         t1 = time.perf_counter()
 
         logits = capture.collect() if capture is not None else {}
         contexts = []
         for i, (g, n) in enumerate(zip(geoms, parts)):
-            pre_i, _, tile_ids = per_image[i]
+            pre_i, _, tile_ids, tile_srcs = per_image[i]
             ctx = ImageContext(
                 index=i,
                 geometry=g,
@@ -170,6 +172,7 @@ class LlavaAdapter:
                 features=pre_i,
                 key=_LazyKey(pixels[starts[i] : starts[i] + n]),
                 tile_ids=tile_ids,
+                tile_sources=tile_srcs,
             )
             contexts.append(ctx)
 
@@ -179,7 +182,7 @@ class LlavaAdapter:
         newline = self.newline_param()
         for ctx in contexts:
             g = ctx.geometry
-            _, proj_i, tile_ids = per_image[ctx.index]
+            _, proj_i, tile_ids, _ = per_image[ctx.index]
             sel = chosen.get(ctx.index)
             if sel is None:  # keep everything: the stock layout
                 sel = Selection(kept=g.full_selection(), newline="all-rows")
