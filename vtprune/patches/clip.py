@@ -130,3 +130,65 @@ def cls_logits(q_cls: torch.Tensor, k: torch.Tensor, attn: nn.Module) -> torch.T
     q = q_cls.float().reshape(b, heads, dim)
     kk = k.float().reshape(b, n, heads, dim)
     return torch.einsum("bhd,bnhd->bhn", q, kk) * scale
+
+
+class VisionRun:
+    """One tower run over the tiles of a group of images (see `run_vision`)."""
+
+    def __init__(self, images, slices, hidden, ids, sources, logits):
+        self.images, self.slices, self.hidden = images, slices, hidden
+        self._ids, self._sources, self._logits = ids, sources, logits
+
+    def tile_ids(self, start: int, n: int):
+        return None if self._ids is None else [self._ids[start + p] for p in range(n)]
+
+    def tile_sources(self, start: int, n: int):
+        return None if self._sources is None else [self._sources[start + p] for p in range(n)]
+
+    def logits(self, start: int, n: int) -> dict:
+        return {layer: v[start : start + n] for layer, v in self._logits.items()}
+
+
+def run_vision(tower: VisionTower, method, capture: ClsCapture | None, pixels, geoms, budgets, parts, idxs, feature_layer) -> list[VisionRun]:
+    """Run the tower over every image's tiles with the method's in-tower stage (if it prunes for
+    any image): one run per group of images (`method.vision_groups`), else one run for the batch.
+    Signals are captured per run, so nothing leaks between groups."""
+    stage_layers = method.vision_stage_layers(tower.num_layers, feature_layer)
+    in_tower = bool(stage_layers) and any(method.vision_prunes(g, b) for g, b in zip(geoms, budgets))
+    if in_tower and len(idxs) > 1:
+        from ..errors import VTPruneError
+
+        raise VTPruneError(f"{method.name} prunes inside the vision tower; it needs a single vision_feature_layer")
+    groups = method.vision_groups(parts) if in_tower else [list(range(len(parts)))]
+    starts = [sum(parts[:i]) for i in range(len(parts))]
+    run_until = max(idxs)
+    if capture is not None:
+        run_until = max([run_until] + [l + 1 for l in capture.layers])
+    runs = []
+    for grp in groups:
+        rows = torch.cat([torch.arange(starts[i], starts[i] + parts[i]) for i in grp])
+        tiles = pixels if len(groups) == 1 else pixels[rows.to(pixels.device)]
+        state = method.vision_begin([geoms[i] for i in grp], [budgets[i] for i in grp], [parts[i] for i in grp], feature_layer, tower.num_layers) if in_tower else None
+
+        def on_layer(layer, h, state=state):
+            if layer in capture.qkv_layers:
+                return method.vision_step(state, layer, h, capture.pop(layer), capture.attn[layer])
+            return h
+
+        if capture is not None:
+            capture.reset()
+            capture.active = True
+        try:
+            hidden = tower.run(tiles, idxs, on_layer if in_tower else None, run_until=run_until)
+        finally:
+            if capture is not None:
+                capture.active = False
+        logits = dict(capture.collect()) if capture is not None else {}
+        slices, s = [], 0
+        for i in grp:
+            slices.append((s, parts[i]))
+            s += parts[i]
+        ids = method.vision_kept(state) if in_tower else None
+        srcs = method.vision_sources(state) if in_tower else None
+        runs.append(VisionRun(list(grp), slices, hidden, ids, srcs, logits))
+    return runs

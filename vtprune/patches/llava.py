@@ -19,7 +19,7 @@ from ..errors import UnsupportedModelError, VTPruneError
 from ..methods.base import ImageContext, Method, Selection
 from . import anyres
 from .anyres import NEWLINE, ImageGeometry, Layout
-from .clip import ClsCapture, VisionTower
+from .clip import ClsCapture, VisionTower, run_vision
 
 
 @dataclass
@@ -117,58 +117,26 @@ class LlavaAdapter:
         idxs = self.hidden_indices(vision_feature_layer)
         budgets = [method.budget(g.stock_count()) for g in geoms]
         starts = [sum(parts[:i]) for i in range(len(parts))]
-        stage_layers = method.vision_stage_layers(self.tower.num_layers, self.feature_layer())
-        in_tower = bool(stage_layers) and any(method.vision_prunes(g, b) for g, b in zip(geoms, budgets))
-        if in_tower and len(idxs) > 1:
-            raise VTPruneError(f"{method.name} prunes inside the vision tower; it needs a single vision_feature_layer")
-        groups = method.vision_groups(parts) if in_tower else [list(range(len(parts)))]
-        run_until = max(idxs)
-        if capture is not None:
-            capture.reset()
-            run_until = max([run_until] + [l + 1 for l in capture.layers])
+        runs = run_vision(self.tower, method, capture, pixels, geoms, budgets, parts, idxs, self.feature_layer())
         per_image: dict[int, tuple] = {}
-        for grp in groups:
-            rows = torch.cat([torch.arange(starts[i], starts[i] + parts[i]) for i in grp])
-            tiles = pixels if len(groups) == 1 else pixels[rows.to(pixels.device)]
-            state = method.vision_begin([geoms[i] for i in grp], [budgets[i] for i in grp], [parts[i] for i in grp], self.feature_layer(), self.tower.num_layers) if in_tower else None
-
-            def on_layer(layer, h, state=state):
-                if layer in capture.qkv_layers:
-                    return method.vision_step(state, layer, h, capture.pop(layer), capture.attn[layer])
-                return h
-
-            if capture is not None:
-                capture.active = True
-            try:
-                hidden = self.tower.run(tiles, idxs, on_layer if in_tower else None, run_until=run_until)
-            finally:
-                if capture is not None:
-                    capture.active = False
-            feats = [hidden[i] for i in idxs]
+        for run in runs:
+            feats = [run.hidden[i] for i in idxs]
             pre = feats[0] if len(feats) == 1 else torch.cat(feats, dim=-1)
             pre = pre[:, 1:]  # CLS dropped ('default' strategy)
             proj = self.projector(pre)  # over every remaining patch of the run, as transformers does
-            ids = method.vision_kept(state) if in_tower else None
-            srcs = method.vision_sources(state) if in_tower else None
-            s = 0
-            for i in grp:
-                n = parts[i]
-                tile_ids = [ids[s + p] for p in range(n)] if ids is not None else None
-                tile_srcs = [srcs[s + p] for p in range(n)] if srcs is not None else None
-                per_image[i] = (pre[s : s + n], proj[s : s + n], tile_ids, tile_srcs)
-                s += n
+            for i, (s, n) in zip(run.images, run.slices):
+                per_image[i] = (pre[s : s + n], proj[s : s + n], run.tile_ids(s, n), run.tile_sources(s, n), run.logits(s, n))
         t1 = time.perf_counter()
 
-        logits = capture.collect() if capture is not None else {}
         contexts = []
         for i, (g, n) in enumerate(zip(geoms, parts)):
-            pre_i, _, tile_ids, tile_srcs = per_image[i]
+            pre_i, _, tile_ids, tile_srcs, cls_i = per_image[i]
             ctx = ImageContext(
                 index=i,
                 geometry=g,
                 budget=budgets[i],
                 available=g.stock_count(),
-                cls_logits={l: v[starts[i] : starts[i] + n] for l, v in logits.items()},
+                cls_logits=cls_i,
                 features=pre_i,
                 key=_LazyKey(pixels[starts[i] : starts[i] + n]),
                 tile_ids=tile_ids,
@@ -176,13 +144,15 @@ class LlavaAdapter:
             )
             contexts.append(ctx)
 
+        # a method may refine image.budget inside select (e.g. HiRED's own budget depends on the grid); the
+        # report reads it afterwards
         prune = [c for c in contexts if c.budget < c.available]
         chosen = dict(zip((c.index for c in prune), method.select_batch(prune))) if prune else {}
         out = []
         newline = self.newline_param()
         for ctx in contexts:
             g = ctx.geometry
-            _, proj_i, tile_ids, _ = per_image[ctx.index]
+            _, proj_i, tile_ids, _, _ = per_image[ctx.index]
             sel = chosen.get(ctx.index)
             if sel is None:  # keep everything: the stock layout
                 sel = Selection(kept=g.full_selection(), newline="all-rows")
