@@ -91,11 +91,28 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_compare)
 
-    b = sub.add_parser("bench", help="prefill time: unpatched vs patched vs feeding the kept tokens directly")
+    b = sub.add_parser("bench", help="efficiency side by side: prefill, decode, memory, KV cache, FLOPs, scoring overhead")
     from .eval.bench import add_arguments
 
     add_arguments(b)
     b.set_defaults(func=cmd_bench)
+
+    # subcommands that live in their own module: `add_arguments(parser)` and `main(args) -> int`
+    import importlib
+
+    for name, module, text in (
+        ("sweep", "vtprune.eval.sweep", "methods x budgets x tasks through lmms-eval, resumable"),
+        ("demo", "vtprune.eval.demo", "a Gradio page comparing methods side by side"),
+    ):
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+            continue
+        sp = sub.add_parser(name, help=text)
+        mod.add_arguments(sp)
+        sp.set_defaults(func=mod.main)
     return p
 
 
