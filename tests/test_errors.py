@@ -70,11 +70,15 @@ def test_failed_repatch_leaves_previous_method_in_place(llava):
 
 
 def test_unsupported_model_class():
-    tower = tiny_clip_tower("small")
-    with pytest.raises(UnsupportedModelError, match="supported: LlavaForConditionalGeneration .*LlavaNextForConditionalGeneration"):
-        vtprune.patch(tower, "vtc-cls", keep=8)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    llm = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=32))
+    with pytest.raises(UnsupportedModelError, match="supported: LlavaForConditionalGeneration .*LlavaNextForConditionalGeneration.*CLIPVisionModel"):
+        vtprune.patch(llm, "vtc-cls", keep=8)
     with pytest.raises(UnsupportedModelError, match="cannot patch Linear"):
         vtprune.patch(torch.nn.Linear(2, 2), "random", keep=8)
+    assert "forward" not in llm.__dict__
+    tiny_clip_tower  # bare CLIP towers are supported: see test_towers.py
 
 
 def test_compiled_model_is_refused(llava):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 
+import torch
+
 from . import registry
 from .errors import UnsupportedModelError
 from .pruner import _ATTR, Pruner
@@ -12,9 +14,20 @@ from .pruner import _ATTR, Pruner
 def _adapter(model):
     from .patches.llava import LlavaAdapter, check_supported
     from .patches.llava_next import LlavaNextAdapter
+    from .patches.tower import tower_adapter
 
+    if isinstance(model, torch.nn.Module) and type(model).__name__ != "OptimizedModule":
+        tower = tower_adapter(model)
+        if tower is not None:
+            return tower
     family = check_supported(model)
     return LlavaNextAdapter(model) if family == "llava_next" else LlavaAdapter(model)
+
+
+def _pruner_class(adapter):
+    from .patches.tower import BareTowerAdapter, _tower_pruner_class
+
+    return _tower_pruner_class() if isinstance(adapter, BareTowerAdapter) else Pruner
 
 
 def patch(model, method: str = "none", **params) -> Pruner:
@@ -35,7 +48,7 @@ def patch(model, method: str = "none", **params) -> Pruner:
     previous = model.__dict__.get(_ATTR)
     if previous is not None:
         previous.unpatch()
-    pruner = Pruner(model, m, adapter)
+    pruner = _pruner_class(adapter)(model, m, adapter)
     pruner._install()
     return pruner
 

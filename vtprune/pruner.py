@@ -52,21 +52,17 @@ class Pruner:
         nl, f = self.adapter.tower.num_layers, self.adapter.feature_layer()
         layers = self.method.cls_layers(nl, f)
         qkv = self.method.vision_stage_layers(nl, f)
-        lm = self.adapter.base.language_model
-        stages = self.method.llm_stages(self.adapter.family, len(getattr(lm, "layers", [])))
+        base = getattr(self.adapter, "base", None)
+        lm = base.language_model if base is not None else None
+        stages = self.method.llm_stages(self.adapter.family, len(getattr(lm, "layers", []))) if lm is not None else []
         try:
             self._capture = ClsCapture(self.adapter.tower, layers, qkv) if (layers or qkv) else None
             if stages:
                 evict = self.method.llm_evict_layers(self.adapter.family, len(lm.layers))
                 self._decoder = DecoderPruner(lm, stages, self.method.policy("position_mode"), evict)
-            for name in ("forward", "generate", "__deepcopy__"):
+            self._wrappers = self._build_wrappers()
+            for name in self._wrappers:
                 self._saved[name] = model.__dict__.get(name, _MISSING)
-            orig_forward, orig_generate = model.forward, model.generate
-            self._orig_forward = orig_forward
-            self._check_forward(orig_forward)
-            self._wrappers["forward"] = self._make_forward(orig_forward)
-            self._wrappers["generate"] = self._make_generate(orig_generate)
-            self._wrappers["__deepcopy__"] = self._deepcopy
             for name, fn in self._wrappers.items():
                 object.__setattr__(model, name, fn)
                 self._installed.add(name)
@@ -75,6 +71,16 @@ class Pruner:
         except BaseException:
             self._remove()
             raise
+
+    def _build_wrappers(self) -> dict:
+        """Instance attributes to install: the wrapped forward/generate of a LLaVA model."""
+        model = self.model
+        self._check_forward(model.forward)
+        return {
+            "forward": self._make_forward(model.forward),
+            "generate": self._make_generate(model.generate),
+            "__deepcopy__": self._deepcopy,
+        }
 
     @staticmethod
     def _check_forward(fn) -> None:

@@ -136,6 +136,7 @@ class FlowCut(Method):
     llm_layer: int = 1
     trace: bool = False
 
+    families: ClassVar[tuple[str, ...]] = ("llava", "llava_next", "clip", "open_clip")
     summary: ClassVar[str] = "FlowCut: information-flow pruning inside the vision tower (+ LLM layer-1 cut on NeXT)"
     POLICIES: ClassVar[dict] = {
         "position_mode": ("compact", "compact"),

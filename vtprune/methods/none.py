@@ -14,6 +14,7 @@ from .base import ImageContext, Method, Selection
 class NoPruning(Method):
     """No pruning: every visual token reaches the LLM (the baseline in sweeps and comparisons)."""
 
+    families: ClassVar[tuple[str, ...]] = ("llava", "llava_next", "clip", "open_clip")
     summary: ClassVar[str] = "no pruning; the unpruned baseline through the same code path"
     has_official: ClassVar[bool] = False
     needs_budget: ClassVar[bool] = False

@@ -54,6 +54,7 @@ def windows(n: int, m: int) -> list[tuple[int, int]]:
 class Pool(Method):
     """Average-pool the patch grid to at most `keep` tokens (adaptive windows, aspect kept)."""
 
+    families: ClassVar[tuple[str, ...]] = ("llava", "llava_next", "clip", "open_clip")
     summary: ClassVar[str] = "spatial average pooling of the patch grid to the budget (baseline)"
     has_official: ClassVar[bool] = False
 

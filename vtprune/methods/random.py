@@ -27,6 +27,7 @@ class RandomPrune(Method):
     seed: int = 0
     newline: str | None = None
 
+    families: ClassVar[tuple[str, ...]] = ("llava", "llava_next", "clip", "open_clip")
     summary: ClassVar[str] = "uniform random subset per image (seeded baseline)"
     has_official: ClassVar[bool] = False
     POLICIES: ClassVar[dict] = {"position_mode": ("compact", "compact"), "newline": ("kept-rows", None)}

@@ -47,6 +47,7 @@ class VTCCLS(Method):
     anyres_split: str | None = None
     newline: str | None = None
 
+    families: ClassVar[tuple[str, ...]] = ("llava", "llava_next", "clip", "open_clip")
     summary: ClassVar[str] = "VTC-CLS: CLS-attention ensemble (layers start_layer..22), top-k before the projector"
     POLICIES: ClassVar[dict] = {
         "position_mode": ("compact", "compact"),

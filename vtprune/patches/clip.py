@@ -51,6 +51,21 @@ class VisionTower:
                 out[i + 1] = h
         return out
 
+    # --- what the signal capture needs from a tower ------------------------------------------------------
+    def attention(self, layer: int):
+        """The layer's attention module (exposes num_heads, head_dim, scale)."""
+        return self.layers[layer].self_attn
+
+    def hook_projections(self, layer: int, kinds, fn) -> list:
+        """Call `fn(kind, output)` with the layer's q/k/v projection outputs ([B, n, D]) as they are
+        computed; returns the hook handles."""
+        attn = self.layers[layer].self_attn
+        handles = []
+        for kind in kinds:
+            proj = getattr(attn, f"{kind}_proj")
+            handles.append(proj.register_forward_hook(lambda m, a, o, kind=kind: fn(kind, o)))
+        return handles
+
 
 class ClsCapture:
     """Forward hooks on the attention projections of chosen layers, active only while `active`:
@@ -73,15 +88,13 @@ class ClsCapture:
         self.qkv_layers = sorted(set(qkv_layers))
         self.attn = {}
         for l in sorted(set(self.layers) | set(self.qkv_layers)):
-            attn = tower.layers[l].self_attn
+            attn = tower.attention(l)
             self.attn[l] = attn
             kinds = ("q", "k", "v") if l in self.qkv_layers else ("q", "k")
-            for kind in kinds:
-                proj = getattr(attn, f"{kind}_proj")
-                self.handles.append(proj.register_forward_hook(self._hook(l, attn, kind)))
+            self.handles.extend(tower.hook_projections(l, kinds, self._hook(l, attn)))
 
-    def _hook(self, layer: int, attn: nn.Module, kind: str):
-        def hook(module, args, output):
+    def _hook(self, layer: int, attn):
+        def hook(kind, output):
             if not self.active:
                 return None
             value = output[:, 0] if kind == "q" else output
@@ -155,10 +168,6 @@ def run_vision(tower: VisionTower, method, capture: ClsCapture | None, pixels, g
     Signals are captured per run, so nothing leaks between groups."""
     stage_layers = method.vision_stage_layers(tower.num_layers, feature_layer)
     in_tower = bool(stage_layers) and any(method.vision_prunes(g, b) for g, b in zip(geoms, budgets))
-    if in_tower and len(idxs) > 1:
-        from ..errors import VTPruneError
-
-        raise VTPruneError(f"{method.name} prunes inside the vision tower; it needs a single vision_feature_layer")
     groups = method.vision_groups(parts) if in_tower else [list(range(len(parts)))]
     starts = [sum(parts[:i]) for i in range(len(parts))]
     run_until = max(idxs)

@@ -118,6 +118,8 @@ class LlavaAdapter:
         budgets = [method.budget(g.stock_count()) for g in geoms]
         starts = [sum(parts[:i]) for i in range(len(parts))]
         runs = run_vision(self.tower, method, capture, pixels, geoms, budgets, parts, idxs, self.feature_layer())
+        if len(idxs) > 1 and any(run.tile_ids(0, 1) is not None for run in runs):
+            raise VTPruneError(f"{method.name} prunes inside the vision tower; it needs a single vision_feature_layer")
         per_image: dict[int, tuple] = {}
         for run in runs:
             feats = [run.hidden[i] for i in idxs]
@@ -221,5 +223,6 @@ def check_supported(model) -> str:
         return "llava"
     raise UnsupportedModelError(
         f"vtprune cannot patch {type(model).__name__}; supported: LlavaForConditionalGeneration (LLaVA-1.5), "
-        "LlavaNextForConditionalGeneration (LLaVA-NeXT)"
+        "LlavaNextForConditionalGeneration (LLaVA-NeXT), and as bare towers transformers' CLIPVisionModel and "
+        "open_clip's VisionTransformer (model.visual)"
     )
