@@ -373,6 +373,7 @@ class Pruner:
             rep.budget.append(im.budget)
             rep.tokens_per_layer.append([n] * n_layers)
             rep.grids.append((im.geometry.rows, im.geometry.cols))
+            rep.geometries.append(im.geometry)
         rep.sample_of = list(shrunk.sample_of)
         rep.input_keep = shrunk.input_keep
         rep.new_index = shrunk.new_index

@@ -54,6 +54,7 @@ class Report:
     tokens_per_layer: list[list[int]] = field(default_factory=list)
     sample_of: list[int] = field(default_factory=list)
     grids: list[tuple[int, int]] = field(default_factory=list)
+    geometries: list = field(default_factory=list)  # per image: the ImageGeometry (partitions, canvas, unpadding)
     input_keep: torch.Tensor | None = None
     new_index: torch.Tensor | None = None
     output_index: torch.Tensor | None = None

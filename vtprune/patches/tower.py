@@ -127,6 +127,7 @@ class BareTowerAdapter:
             rep.tokens_per_layer.append([n - 1 for n in lengths[ctx.index]])
             rep.sample_of.append(ctx.index)
             rep.grids.append((0, 0))
+            rep.geometries.append(g)
         if len({t.shape[0] for t in tokens}) != 1:
             raise VTPruneError("the images of this batch kept different numbers of tokens; give keep= (the same for every image) or run them one at a time")
         out = torch.stack(tokens)
