@@ -29,6 +29,7 @@ from lmms_eval.api.instance import Instance  # noqa: E402
 from vtprune.errors import VTPruneError  # noqa: E402
 from vtprune.eval.lmms import GenerationFailed, VTPrune  # noqa: E402
 from vtprune.eval.tasks import TASKS_DIR  # noqa: E402
+from vtprune.eval.tasks import scenes as scenes_task  # noqa: E402
 from vtprune.eval.tasks import shapes as shapes_task  # noqa: E402
 from vtprune.testing import make_image, tiny_llava, tiny_llava_next  # noqa: E402
 
@@ -97,7 +98,7 @@ def test_offline_tasks_register_through_include_path():
     from lmms_eval.tasks import TaskManager
 
     tm = TaskManager("WARNING", include_path=str(TASKS_DIR), include_defaults=False)
-    assert {"vtprune_shapes", "vtprune_shapes_mc"} <= set(tm.all_tasks)
+    assert {"vtprune_shapes", "vtprune_shapes_mc", "vtprune_scenes", "vtprune_scenes_next"} <= set(tm.all_tasks)
     out = subprocess.run([sys.executable, "-m", "vtprune.eval.tasks"], capture_output=True, text=True, check=True)
     assert Path(out.stdout.strip()) == TASKS_DIR
 
@@ -116,6 +117,24 @@ def test_offline_task_data_and_scoring():
     assert shapes_task.process_results(doc, ["2 circles"]) == {"exact_match": 0.0}
     assert shapes_task.process_results({"answer": "circle"}, ["The circle\nmore"]) == {"exact_match": 1.0}
     assert shapes_task.doc_to_text(shipped[0], {"pre_prompt": "Q: ", "post_prompt": "!"}) == "Q: " + shipped[0]["question"] + "!"
+
+
+def test_scenes_task_data_matches_the_scene_generator():
+    from vtprune import scenes as S
+
+    for task, (variant, n) in scenes_task.TASKS.items():
+        shipped = [json.loads(line) for line in scenes_task.data_file(task).read_text().splitlines()]
+        assert shipped == json.loads(json.dumps(scenes_task.build_docs(task))), f"{task}.jsonl is stale: python -m vtprune.eval.tasks.scenes"
+        assert {d["type"] for d in shipped} == set(S.QUESTION_TYPES)
+        assert {d["scene"] for d in shipped} == set(range(n))  # every test scene is asked about
+    doc = next(json.loads(line) for line in scenes_task.data_file("vtprune_scenes_next").read_text().splitlines())
+    scene = S.scenes("test", doc["n_scenes"], doc["variant"])[doc["scene"]]
+    img = scenes_task.doc_to_visual(doc)[0]
+    assert img.size == (scene.width, scene.height) and img.tobytes() == scene.render().tobytes()
+    asked = {q.text: q.answer for i, q in S.eval_questions(S.scenes("test", doc["n_scenes"], doc["variant"])) if i == doc["scene"]}
+    assert asked[doc["question"]] == doc["answer"]
+    assert scenes_task.process_results({"answer": "3"}, ["Three."]) == {"exact_match": 1.0}
+    assert scenes_task.process_results({"answer": "left"}, ["right"]) == {"exact_match": 0.0}
 
 
 # --- model arguments ------------------------------------------------------------------------------
@@ -406,6 +425,7 @@ def _cli_model() -> str:
 
 CLI_MODEL = _cli_model()
 CLI_ARGS = f"pretrained={CLI_MODEL},method=vtc-cls,keep=16"
+CLI_TASK = "vtprune_scenes" if CLI_MODEL == "offline" else "vtprune_shapes"  # the trained model's own questions
 
 
 @pytest.fixture(scope="module")
@@ -416,7 +436,7 @@ def cli_runs(tmp_path_factory):
     common = {
         "model": "vtprune",
         "model_args": CLI_ARGS,
-        "tasks": "vtprune_shapes",
+        "tasks": CLI_TASK,
         "include_path": str(TASKS_DIR),
         "limit": 4,
         "log_samples": True,
@@ -438,8 +458,8 @@ def test_cli_runs_the_offline_task_and_records_method_tokens_and_prefill(cli_run
     for name in ("b1", "b2"):
         res = _results(tmp / name)
         assert res is not None, f"no results file for {name} (the CLI exits {proc.returncode} either way):\n{log[-4000:]}"
-        assert res["n-samples"]["vtprune_shapes"]["effective"] == 4
-        assert "exact_match,none" in res["results"]["vtprune_shapes"]
+        assert res["n-samples"][CLI_TASK]["effective"] == 4
+        assert "exact_match,none" in res["results"][CLI_TASK]
         assert "method=vtc-cls" in res["config"]["model_args"] and "keep=16" in res["config"]["model_args"]
         thr = res["throughput"]
         assert thr["avg_vtprune_visual_tokens"] == pytest.approx(16) and thr["avg_vtprune_available_tokens"] > 16
@@ -478,7 +498,7 @@ def test_accelerate_launch_two_processes_on_cpu(cli_runs, tmp_path):
         "accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
         "--dynamo_backend", "no", "--main_process_port", str(29500 + os.getpid() % 1000),
         "-m", "lmms_eval", "--model", "vtprune", "--model_args", CLI_ARGS,
-        "--tasks", "vtprune_shapes", "--include_path", str(TASKS_DIR), "--limit", "4", "--batch_size", "1",
+        "--tasks", CLI_TASK, "--include_path", str(TASKS_DIR), "--limit", "4", "--batch_size", "1",
         "--gen_kwargs", "max_new_tokens=3", "--output_path", str(out), "--log_samples",
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, env=offline_env(tmp_path), cwd=tmp_path, timeout=900)
@@ -486,7 +506,7 @@ def test_accelerate_launch_two_processes_on_cpu(cli_runs, tmp_path):
     assert "Running on rank 1" in log, f"the second process did not run:\n{log[-4000:]}"
     res = _results(out)
     assert res is not None, f"no results file:\n{log[-4000:]}"
-    assert res["n-samples"]["vtprune_shapes"]["effective"] == 4
+    assert res["n-samples"][CLI_TASK]["effective"] == 4
     assert "samples=4 " in log, "rank 0 should report the records of both ranks"
     assert res["throughput"]["avg_vtprune_visual_tokens"] == pytest.approx(16)
     assert _answers(out) == _answers(cli_runs[0] / "b1")

@@ -31,6 +31,8 @@ __all__ = [
     "tiny_llava",
     "tiny_llava_next",
     "tiny_clip_tower",
+    "trained_llava",
+    "trained_llava_next",
     "make_image",
     "prompt",
     "make_inputs",
@@ -261,6 +263,27 @@ def tiny_llava_next(size="default", seed: int = 0, dtype=torch.float32, attn_imp
     spec = _spec(size)
     model, tok = _build(spec, True, seed, dtype, attn_implementation)
     return model, _processor(spec, tok, True)
+
+
+def trained_llava(dtype=torch.float32, fallback: bool = True):
+    """The small trained LLaVA-1.5 shipped in `vtprune.trained` (answers questions about
+    `vtprune.scenes` images), as (model, processor). When its weights are not installed: the random
+    `tiny_llava()` if `fallback`, else FileNotFoundError."""
+    from .trained import available, load
+
+    if available("llava15") or not fallback:
+        return load("llava15", dtype=dtype)
+    return tiny_llava(dtype=dtype)
+
+
+def trained_llava_next(dtype=torch.float32, fallback: bool = True):
+    """The small trained LLaVA-NeXT shipped in `vtprune.trained` (AnyRes, 672x336 / 336x672 scenes);
+    falls back to the random `tiny_llava_next()` like `trained_llava`."""
+    from .trained import available, load
+
+    if available("llava_next") or not fallback:
+        return load("llava_next", dtype=dtype)
+    return tiny_llava_next(dtype=dtype)
 
 
 def tiny_clip_tower(size="default", seed: int = 0, dtype=torch.float32):

@@ -2,6 +2,8 @@
 loading of real checkpoints by name or path.
 
 Shapes:
+- `trained` / `trained-next`: the small trained LLaVA-1.5 / LLaVA-NeXT models shipped in
+  `vtprune.trained` (real answers on `vtprune.scenes` images; the default offline model).
 - `tiny`: vtprune.testing's tiny LLaVA-1.5 (narrow; plumbing only).
 - `llava-0.5b`: the real LLaVA vision tower (CLIP ViT-L/14-336: 24 layers, width 1024, 16 heads)
   and a Qwen2-0.5B-shaped Llama (896 wide, 24 layers, 14 heads, 2 KV heads, MLP 4864, vocab 151936):
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-SHAPES = ("tiny", "tiny-next", "llava-0.5b", "llava-next-0.5b", "llava-1.5-7b", "llava-next-7b")
+SHAPES = ("trained", "trained-next", "tiny", "tiny-next", "llava-0.5b", "llava-next-0.5b", "llava-1.5-7b", "llava-next-7b")
 
 _CLIP_L = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=336, patch_size=14, hidden_act="quick_gelu", projection_dim=768)
 _LLM_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True)
@@ -27,6 +29,10 @@ def build_shape(shape: str, dtype=torch.bfloat16, seed: int = 0):
     """(model, processor) for a named shape, random weights, no download."""
     from ..testing import _image_processor_classes, tiny_llava, tiny_llava_next, tiny_tokenizer
 
+    if shape in ("trained", "trained-next"):
+        from ..trained import load
+
+        return load("llava_next" if shape == "trained-next" else "llava15", dtype=dtype)
     if shape == "tiny":
         return tiny_llava(dtype=dtype, seed=seed)
     if shape == "tiny-next":
@@ -75,10 +81,18 @@ def build_shape(shape: str, dtype=torch.bfloat16, seed: int = 0):
 def load_model(name_or_path: str | None, dtype=None, device: str | None = None):
     """(model, processor, label): a built-in shape, or a real HF LLaVA / LLaVA-NeXT checkpoint."""
     if name_or_path is None:
+        from ..trained import available, load
+
+        if available("llava15"):
+            model, proc = load("llava15", dtype=dtype)
+            return model.to(device or "cpu"), proc, "built-in trained LLaVA-1.5 (vtprune.trained, small model trained on vtprune.scenes)"
         from ..testing import tiny_llava
 
         model, proc = tiny_llava()
-        return model, proc, "built-in offline tiny LLaVA (random weights: answers are meaningless)"
+        return model, proc, "built-in offline tiny LLaVA (random weights: answers are meaningless; trained weights not installed)"
+    if name_or_path in ("trained", "trained-next"):
+        model, proc = build_shape(name_or_path, dtype=dtype or torch.float32)
+        return model.to(device or "cpu"), proc, f"built-in {name_or_path} model (vtprune.trained)"
     if name_or_path in SHAPES:
         model, proc = build_shape(name_or_path, dtype=dtype or torch.bfloat16)
         return model.to(device or "cpu"), proc, f"random-weight {name_or_path} shape"

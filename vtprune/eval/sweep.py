@@ -35,7 +35,7 @@ from pathlib import Path
 from ..errors import VTPruneError
 
 DEFAULT_KEEP = "64,128,192"
-DEFAULT_TASKS = "vtprune_shapes"
+DEFAULT_TASKS = "vtprune_scenes"
 # the `eval` extra's packages, then lmms-eval without its dependencies (they pull a torchvision that breaks the CPU torch)
 INSTALL_HINT = 'pip install accelerate loguru sacrebleu evaluate datasets tenacity pytablewriter "filelock<4" matplotlib && pip install --no-deps lmms-eval==0.7.3'
 FIELDS = [
@@ -67,7 +67,7 @@ def add_arguments(p) -> None:
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--keep", default=None, help=f"comma-separated visual tokens per image (default {DEFAULT_KEEP})")
     budget.add_argument("--keep-ratio", default=None, help="comma-separated fractions of each image's visual tokens")
-    p.add_argument("--tasks", default=DEFAULT_TASKS, help=f"comma-separated lmms-eval tasks (default {DEFAULT_TASKS}, the offline task shipped with vtprune)")
+    p.add_argument("--tasks", default=DEFAULT_TASKS, help=f"comma-separated lmms-eval tasks (default {DEFAULT_TASKS}: the offline task on the trained model's test scenes, shipped with vtprune; vtprune_scenes_next has the LLaVA-NeXT scenes)")
     p.add_argument("--include-path", action="append", default=[], help="extra folder of lmms-eval task YAMLs (repeatable); vtprune's own tasks are always included")
     p.add_argument("--limit", type=float, default=None, help="samples per task (a fraction if < 1); for quick checks, not for reported numbers")
     p.add_argument("--batch-size", type=int, default=1)

@@ -11,6 +11,6 @@ local copies of their datasets.
 from pathlib import Path
 
 TASKS_DIR = Path(__file__).resolve().parent
-OFFLINE_TASKS = ("vtprune_shapes", "vtprune_shapes_mc")
+OFFLINE_TASKS = ("vtprune_scenes", "vtprune_scenes_next", "vtprune_shapes", "vtprune_shapes_mc")
 
 __all__ = ["TASKS_DIR", "OFFLINE_TASKS"]
