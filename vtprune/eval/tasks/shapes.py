@@ -22,14 +22,8 @@ import random
 import string
 from pathlib import Path
 
-COLOURS = {
-    "red": (215, 38, 38),
-    "green": (36, 160, 60),
-    "blue": (40, 75, 215),
-    "yellow": (240, 205, 30),
-    "purple": (140, 55, 185),
-    "orange": (245, 135, 25),
-}
+from ...scenes import COLOURS  # the same palette as the trained models' scenes
+
 SHAPES = ("circle", "square", "triangle")
 COUNTS = ("1", "2", "3", "4")
 SIZES = ((336, 336), (480, 336), (336, 480), (560, 420))
