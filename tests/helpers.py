@@ -58,3 +58,44 @@ def _assert_batch_equals_single(model, inputs, counts, method, params):
                 if toks[b, step] != t1[0, step]:
                     assert float(top2[0] - top2[1]) <= 1e-3, f"sample {b} step {step}: tokens differ with a clear margin"
                     break
+
+
+def assert_no_eager(model, inputs, monkeypatch, method, params):
+    """Generate with `method` while eager attention is booby-trapped and SDPA is spied on: no eager
+    attention, no output_attentions request, the model's attention settings untouched (while patched
+    and after), both the CLIP tower and the LLM ran on SDPA. Returns the pruner's last report."""
+    import transformers.models.clip.modeling_clip as mc
+    import transformers.models.llama.modeling_llama as ml
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    cfg = model.config
+
+    def impls():
+        return (cfg._attn_implementation, cfg.vision_config._attn_implementation, cfg.text_config._attn_implementation)
+
+    before = impls()
+
+    def boom(*a, **k):
+        raise AssertionError("eager attention was used")
+
+    monkeypatch.setattr(mc, "eager_attention_forward", boom)
+    monkeypatch.setattr(ml, "eager_attention_forward", boom)
+    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    seen = []
+
+    def spy(module, *args, **kwargs):
+        assert not kwargs.get("output_attentions"), "output_attentions must never be requested"
+        seen.append(type(module).__name__)
+        return sdpa(module, *args, **kwargs)
+
+    ALL_ATTENTION_FUNCTIONS["sdpa"] = spy
+    try:
+        with vtprune.pruned(model, method, **params) as pr, torch.no_grad():
+            model.generate(**inputs, max_new_tokens=2, do_sample=False)
+            assert impls() == before
+    finally:
+        del ALL_ATTENTION_FUNCTIONS["sdpa"]
+    assert ALL_ATTENTION_FUNCTIONS["sdpa"] is sdpa
+    assert impls() == before
+    assert "LlamaAttention" in seen and "CLIPAttention" in seen
+    return pr.last

@@ -9,7 +9,7 @@ import vtprune
 from vtprune import registry
 from vtprune.testing import make_image, make_inputs
 
-from .helpers import _assert_batch_equals_single, _batch, _hooks
+from .helpers import _assert_batch_equals_single, _batch, _hooks, assert_no_eager
 
 METHODS = vtprune.methods().names()
 KEEP_ALL = {m: registry.get(m).keep_all_params() for m in METHODS}
@@ -85,37 +85,9 @@ def test_batch_budget_is_per_image(llava_next):
 
 # --- fast attention kept ---------------------------------------------------------------------------------
 def test_no_eager_attention(llava, monkeypatch):
-    import transformers.models.clip.modeling_clip as mc
-    import transformers.models.llama.modeling_llama as ml
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
     model, proc = llava
-    impls = (model.config._attn_implementation, model.config.vision_config._attn_implementation, model.config.text_config._attn_implementation)
-
-    def boom(*a, **k):
-        raise AssertionError("eager attention was used")
-
-    monkeypatch.setattr(mc, "eager_attention_forward", boom)
-    monkeypatch.setattr(ml, "eager_attention_forward", boom)
-    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
-    seen = []
-
-    def spy(module, *args, **kwargs):
-        assert not kwargs.get("output_attentions"), "output_attentions must never be requested"
-        seen.append(type(module).__name__)
-        return sdpa(module, *args, **kwargs)
-
-    ALL_ATTENTION_FUNCTIONS["sdpa"] = spy
-    try:
-        inputs = _batch(proc, [(336, 336)])
-        with vtprune.pruned(model, "vtc-cls", keep=32) as pr, torch.no_grad():
-            model.generate(**inputs, max_new_tokens=2, do_sample=False)
-            assert impls == (model.config._attn_implementation, model.config.vision_config._attn_implementation, model.config.text_config._attn_implementation)
-    finally:
-        del ALL_ATTENTION_FUNCTIONS["sdpa"]
-    assert pr.last.num_visual_tokens == [32]
-    assert "CLIPAttention" in seen and "LlamaAttention" in seen
-    assert ALL_ATTENTION_FUNCTIONS["sdpa"] is sdpa
+    rep = assert_no_eager(model, _batch(proc, [(336, 336)]), monkeypatch, "vtc-cls", {"keep": 32})
+    assert rep.num_visual_tokens == [32]
 
 
 # --- reversibility and independence -----------------------------------------------------------------------

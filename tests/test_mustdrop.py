@@ -15,7 +15,7 @@ from vtprune.methods.mustdrop import MustDrop, _Plan, count_schedule, window_mer
 from vtprune.testing import SPECS, make_image, make_inputs, tiny_llava
 
 from .conftest import golden_dir
-from .helpers import _assert_batch_equals_single
+from .helpers import _assert_batch_equals_single, assert_no_eager
 from .test_fastv import generate_and_compare
 
 
@@ -24,40 +24,6 @@ def _load(case):
 
     d = golden_dir("mustdrop") / case
     return d, load_file(str(d / "tensors.safetensors")), json.loads((d / "case.json").read_text())
-
-
-def assert_no_eager(model, inputs, monkeypatch, method, params):
-    """Run generate with eager attention booby-trapped and SDPA spied on: no eager attention, no
-    output_attentions request, the model's attention settings untouched."""
-    import transformers.models.clip.modeling_clip as mc
-    import transformers.models.llama.modeling_llama as ml
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    impls = (model.config._attn_implementation, model.config.text_config._attn_implementation)
-
-    def boom(*a, **k):
-        raise AssertionError("eager attention was used")
-
-    monkeypatch.setattr(mc, "eager_attention_forward", boom)
-    monkeypatch.setattr(ml, "eager_attention_forward", boom)
-    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
-    seen = []
-
-    def spy(module, *args, **kwargs):
-        assert not kwargs.get("output_attentions"), "output_attentions must never be requested"
-        seen.append(type(module).__name__)
-        return sdpa(module, *args, **kwargs)
-
-    ALL_ATTENTION_FUNCTIONS["sdpa"] = spy
-    try:
-        with vtprune.pruned(model, method, **params) as pr, torch.no_grad():
-            model.generate(**inputs, max_new_tokens=2, do_sample=False)
-    finally:
-        del ALL_ATTENTION_FUNCTIONS["sdpa"]
-    assert ALL_ATTENTION_FUNCTIONS["sdpa"] is sdpa
-    assert impls == (model.config._attn_implementation, model.config.text_config._attn_implementation)
-    assert "LlamaAttention" in seen and "CLIPAttention" in seen
-    assert pr.last.stages[0], "the in-LLM stage pruned something"
 
 
 # --- golden cases ------------------------------------------------------------------------------------------
@@ -459,7 +425,8 @@ def test_half_precision_no_nan(dtype):
 def test_no_eager_attention(llava, monkeypatch):
     model, proc = llava
     inputs = make_inputs(proc, make_image(1), "What is red?")
-    assert_no_eager(model, inputs, monkeypatch, "mustdrop", {"keep": 192, "merge_thr": 0.5})
+    rep = assert_no_eager(model, inputs, monkeypatch, "mustdrop", {"keep": 192, "merge_thr": 0.5})
+    assert rep.stages[0], "the in-LLM stage pruned something"
 
 
 def test_errors(llava):
