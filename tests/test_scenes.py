@@ -60,7 +60,7 @@ def test_answers_match_the_pixels():
                     xs = np.nonzero(lab == i + 1)[1]
                     assert (xs.max() < s.width / 2) if q.answer == "left" else (xs.min() >= s.width / 2)
                 elif q.type == "count":
-                    shape = q.text.split()[2][:-1]
+                    shape = {S.plural(k): k for k in S.SHAPES}[q.text.split()[2]]
                     assert int(q.answer) == sum(o.shape == shape for o in s.objects)
                     assert len(q.target) == int(q.answer)
                     assert all(np.any(lab == i + 1) for i in q.target)  # every counted object is visible
@@ -88,3 +88,9 @@ def test_normalize_and_corpus():
     assert S.normalize("the left") == "left"
     words = {w for line in S.corpus() for w in line.replace("?", " ").split()}
     assert {"red", "yes", "no", "left", "right", "4", "triangle", "circles"} <= words
+
+
+def test_count_questions_use_english_plurals():
+    qs = [q for q in S.corpus() if q.startswith("How many")]
+    assert "How many crosses are there?" in qs and "How many circles are there?" in qs
+    assert not any("crosss" in q for q in S.corpus())

@@ -335,8 +335,12 @@ def _q_presence(colour: str, shape: str) -> str:
     return f"Is there a {colour} {shape}?"
 
 
+def plural(shape: str) -> str:
+    return shape + ("es" if shape.endswith(("s", "x", "ch", "sh")) else "s")
+
+
 def _q_count(shape: str) -> str:
-    return f"How many {shape}s are there?"
+    return f"How many {plural(shape)} are there?"
 
 
 def _q_side(colour: str, shape: str) -> str:
