@@ -168,3 +168,18 @@ def test_stage_a_initialisation_is_identity_with_neighbour_heads():
         target = [att[h, 1 + y * 24 + x, 1 + (y + oy) * 24 + x + ox].item() for y in range(2, 22) for x in range(2, 22)]
         assert sum(target) / len(target) > 0.5, (h, oy, ox)
         assert att[h, 1:, 1:].argmax(-1).reshape(24, 24)[12, 12].item() == (12 + oy) * 24 + 12 + ox
+
+
+def test_stage_b_curriculum_keeps_every_object_patch():
+    import random
+
+    import numpy as np
+
+    masks = [np.zeros(576, bool), np.zeros(576, bool)]
+    masks[1][[5, 77, 300]] = True
+    keep = train.curriculum_keep(masks, [0, 1], 0.0, random.Random(0))
+    assert keep[0].dtype == torch.long and keep[0].numel() == 0  # an image can lose every token
+    assert keep[1].tolist() == [5, 77, 300]
+    some = train.curriculum_keep(masks, [1], 0.5, random.Random(0))[0].tolist()
+    assert {5, 77, 300} <= set(some) and 150 < len(some) < 430 and some == sorted(some)
+    assert train.curriculum_keep(masks, [0, 1], 1.0, random.Random(0)) is None

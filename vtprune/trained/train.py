@@ -549,7 +549,7 @@ def curriculum_keep(masks, idx, p_bg: float, rng: random.Random):
     out = []
     for j in idx:
         m = masks[j]
-        out.append(torch.tensor([i for i in range(N_PATCH) if m[i] or rng.random() < p_bg]))
+        out.append(torch.tensor([i for i in range(N_PATCH) if m[i] or rng.random() < p_bg], dtype=torch.long))
     return out
 
 
