@@ -482,14 +482,12 @@ def stage_a(tower, args, rng: random.Random):
 
 def cls_attention(tower, hs, layer: int) -> torch.Tensor:
     """Head-mean attention of the CLS query over the patches at encoder `layer` (B, 576)."""
-    att = tower.encoder.layers[layer].self_attn
-    h = tower.encoder.layers[layer].layer_norm1(hs[layer])
-    b, n, d = h.shape
-    nh = tower.config.num_attention_heads
-    q = att.q_proj(h[:, :1]).view(b, 1, nh, -1).transpose(1, 2)
-    k = att.k_proj(h).view(b, n, nh, -1).transpose(1, 2)
-    p = ((q @ k.transpose(-1, -2)) * att.scale).softmax(-1)
-    return p.mean(1)[:, 0, 1:]
+    from ..patches.clip import cls_logits
+
+    block = tower.encoder.layers[layer]
+    h = block.layer_norm1(hs[layer])
+    att = block.self_attn
+    return cls_logits(att.q_proj(h[:, 0]), att.k_proj(h), att).softmax(-1).mean(1)[:, 1:]
 
 
 def tower_report(tower, heads, val) -> dict:
@@ -691,7 +689,6 @@ def lm_loss(model, tok, seqb, feats, sizes, qsets, next_: bool, first_only: bool
 def evaluate_fast(model, tok, seqb, feats, sizes, val_q, next_: bool, bs: int = 8):
     """First-answer-token accuracy per type on (scene index, question) pairs (= greedy's first token)."""
     model.eval()
-    seqb = Seq(tok)
     res = {t: [] for t in S.QUESTION_TYPES}
     with torch.no_grad():
         for i in range(0, len(val_q), bs):
@@ -829,7 +826,7 @@ def stage_b(model, tok, proc, args, rng: random.Random, next_: bool):
         if step % 10 == 0 or step == steps - 1:
             log(f"B {step}/{steps} loss {np.mean(hist[-10:]):.3f} lr {lr:.2e} background kept {p_bg:.2f} {time.time() - t1:.0f}s")
         if (step + 1) % args.eval_every == 0 or step == steps - 1:
-            acc = evaluate_fast(model, tok, seqb, vfeats, vsizes, val_q, next_)
+            acc = evaluate_fast(model, tok, Seq(tok), vfeats, vsizes, val_q, next_)  # no auxiliary targets
             log("B val first-token accuracy", json.dumps({k: round(v, 3) for k, v in acc.items()}), f"mean {np.mean(list(acc.values())):.3f}")
     model.eval()
     return model
