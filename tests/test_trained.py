@@ -183,3 +183,133 @@ def test_stage_b_curriculum_keeps_every_object_patch():
     some = train.curriculum_keep(masks, [1], 0.5, random.Random(0))[0].tolist()
     assert {5, 77, 300} <= set(some) and 150 < len(some) < 430 and some == sorted(some)
     assert train.curriculum_keep(masks, [0, 1], 1.0, random.Random(0)) is None
+
+
+def _tiny_lm(layers: int = 3):
+    cfg = dict(train.TEXT)
+    try:
+        train.TEXT["num_hidden_layers"] = layers
+        tok = train.build_tokenizer()
+        return tok, train.build_model(tok, False)
+    finally:
+        train.TEXT.clear()
+        train.TEXT.update(cfg)
+
+
+def test_stage_b_attention_rows_equal_the_eager_attention():
+    tok, model = _tiny_lm()
+    lm = model.model.language_model
+    for layer in lm.layers:
+        layer.self_attn.config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    x = torch.randn(2, 30, lm.config.hidden_size)
+    with torch.no_grad():
+        out = lm(inputs_embeds=x, output_attentions=True, output_hidden_states=True)
+        for j in range(2):
+            rows = train.attention_rows(lm.layers[j], out.hidden_states[j], 1, [5, 20], lm.rotary_emb)
+            torch.testing.assert_close(rows[:, 1, :21], out.attentions[j][1, :, 20, :21], atol=1e-6, rtol=0)
+            torch.testing.assert_close(rows[:, 0, :6], out.attentions[j][1, :, 5, :6], atol=1e-6, rtol=0)
+            assert rows[:, 0, 6:].abs().max() == 0  # causal: nothing after the query position
+            one = train.attention_rows(lm.layers[j], out.hidden_states[j], 0, 12, lm.rotary_emb)
+            torch.testing.assert_close(one, out.attentions[j][0, :, 12, :13], atol=1e-6, rtol=0)
+
+
+def _scene_with(objs):
+    base = S.scenes("train", 1)[0]
+    import dataclasses
+
+    return dataclasses.replace(base, objects=tuple(S.Obj(k, c, cx, cy, 18) for k, c, cx, cy in objs))
+
+
+def test_stage_b_lookup_targets_follow_the_question():
+    sc = _scene_with([("circle", "red", 60, 60), ("circle", "blue", 250, 60), ("square", "red", 60, 250), ("star", "green", 250, 250)])
+    core = train.object_masks(sc, grow=False)
+    qs = {q.text: q for t in S.QUESTION_TYPES for q in S.all_questions(sc)[t]}
+
+    def patches(i):
+        return set(torch.from_numpy(core[i].nonzero()[0]).tolist())
+
+    (idx, w, ws), col = train.lookup_target(sc, sc, qs["What colour is the square?"], core)
+    assert set(idx.tolist()) == patches(2) and ws == 0 and col is None and abs(w.sum().item() - 1) < 1e-6
+    (idx, w, ws), (cidx, cw, cws) = train.lookup_target(sc, sc, qs["Is there a red circle?"], core)
+    assert set(idx.tolist()) == patches(0) | patches(1)  # every circle: layer 0 cannot see "red" from "circle"
+    assert set(cidx.tolist()) == patches(0) | patches(2) and cws == 0  # every red object
+    (idx, w, ws), _ = train.lookup_target(sc, sc, qs["How many circles are there?"], core)
+    assert len(idx) == 2 and {i for i in idx.tolist()} <= patches(0) | patches(1) and abs(ws - 1 / 3) < 1e-6 and torch.allclose(w, torch.full((2,), 1 / 3))
+    (idx, w, ws), _ = train.lookup_target(sc, sc, qs["How many triangles are there?"], core)
+    assert len(idx) == 0 and ws == 1.0  # none: all on the word itself
+    # a reduced scene (object curriculum): only the objects the LLM sees count
+    import dataclasses
+
+    reduced = dataclasses.replace(sc, objects=(sc.objects[1], sc.objects[3]))
+    q = next(q for q in S.all_questions(reduced)["colour"] if "circle" in q.text)
+    (idx, _, _), _ = train.lookup_target(sc, reduced, q, core)
+    assert set(idx.tolist()) == patches(1)
+
+
+def test_stage_b_sequence_marks_point_at_the_words():
+    tok = train.build_tokenizer()
+    sc = _scene_with([("circle", "red", 60, 60), ("square", "blue", 250, 250)])
+    qs = [q for t in ("colour", "presence") for q in S.all_questions(sc)[t][:1]]
+    seq = train.Seq(tok)
+    ids, labels = seq.build(qs, 7)
+    words = tok.convert_ids_to_tokens(ids)
+    assert words[seq.image_start : seq.image_start + 7] == ["<image>"] * 7
+    for q, (ans, kw, cw) in zip(qs, seq.marks):
+        assert words[ans] == ":" and labels[ans + 1] != -100  # the answer follows the last prompt token
+        assert words[kw] in q.text and words[kw] in train.SHAPE_WORDS
+        assert (cw is None) == (q.type == "colour") and (cw is None or words[cw] in S.COLOURS)
+
+
+def test_stage_b_supervised_attention_learns_its_targets():
+    """A few steps on the attention loss alone move the supervised heads onto their targets (and the
+    loss is what drives them: with weight 0 nothing moves)."""
+    import random
+
+    tok, model = _tiny_lm(2)
+    sc = S.scenes("train", 4, seed=3)
+    rng = random.Random(0)
+    feats = [torch.randn(1, 576, 64) for _ in sc]
+    qsets = [train.sample_questions(s, rng, 1) for s in sc]
+    cores = [train.object_masks(s, grow=False) for s in sc]
+    tg = [[train.lookup_target(s, s, q, c) for q in qs] for s, qs, c in zip(sc, qsets, cores)]
+    for t in range(len(sc)):  # the features say where the objects are
+        feats[t][0, torch.from_numpy(cores[t].any(0))] += 2.0
+    seq = train.Seq(tok)
+    params = [p for n, p in model.named_parameters() if "vision_tower" not in n]
+    opt = torch.optim.Adam(params, lr=1e-2)
+    masses = []
+    for _ in range(40):
+        loss, _ = train.lm_loss(model, tok, seq, feats, [(336, 336)] * 4, qsets, False, att=(1.0, tg))
+        masses.append(train.attention_loss.masses)
+        opt.zero_grad()
+        (loss - train.lm_loss.last[0]).backward()  # the attention term only
+        opt.step()
+    assert masses[0]["find words"] < 0.2 and masses[-1]["find words"] > 0.9
+    assert masses[-1]["shape look-up"] > 2 * masses[0]["shape look-up"]
+
+
+def test_stage_b_value_paths_copy_a_subspace():
+    tok, model = _tiny_lm(3)
+    train.init_value_paths(model, 1.0)
+    at = model.model.language_model.layers[0].self_attn
+    hd = at.head_dim
+    for h in range(4):
+        kv = h // 2
+        ov = at.o_proj.weight[:, h * hd : (h + 1) * hd] @ at.v_proj.weight[kv * hd : (kv + 1) * hd]
+        # two query heads share a KV head: together they apply the orthogonal projector onto its slice
+        torch.testing.assert_close(ov @ ov, ov / 2, atol=1e-5, rtol=0)
+        assert abs(torch.trace(ov).item() - hd / 2) < 1e-4
+
+
+def test_stage_b_object_curriculum_hides_the_other_objects():
+    import random
+
+    sc = _scene_with([("circle", "red", 60, 60), ("square", "blue", 250, 60), ("star", "green", 60, 250), ("cross", "yellow", 250, 250)])
+    om = train.object_masks(sc)
+    keep, reduced = train.subset_example(sc, om, 2, 0.0, random.Random(1))
+    assert 1 <= len(reduced.objects) <= 2
+    shown = [sc.objects.index(o) for o in reduced.objects]
+    assert set(keep.tolist()) == set(om[shown].any(0).nonzero()[0].tolist())  # no background, no hidden object
+    keep, same = train.subset_example(sc, om, 9, 1.0, random.Random(1))
+    assert keep is None and same is sc

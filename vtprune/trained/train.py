@@ -18,13 +18,17 @@ both variants.
 Stage B freezes the tower, caches its layer -2 patch features for a fixed set of training scenes,
 and trains the projector and a small Llama (16 layers, width 64, RoPE theta 1e6, word-level
 tokenizer built from `vtprune.scenes.corpus()`) LLaVA-style: multi-turn conversations about one
-image, loss on the answer tokens (and the end-of-turn token), plus optional auxiliary answer targets,
-a look-up initialisation (`init_lookup`) and a background-token curriculum. The NeXT variant starts
+image, loss on the answer tokens (and the end-of-turn token), plus supervised attention
+(`attention_loss`: in decoder layer 0 the question's shape and colour words attend to the patches of
+the objects they name, in layer 1 the answer position attends to those words; targets from the
+scene labels), a value/output initialisation of those two layers (`init_value_paths`) and auxiliary
+answer targets; optional: a look-up initialisation (`init_lookup`), a background-token and an object
+curriculum. The NeXT variant starts
 from the LLaVA-1.5 model's projector and LLM and fine-tunes them on AnyRes features (base + two 336
 crops, HF's own `pack_image_features`, a trained `image_newline`).
 
-Status (docs/TRAINED.md): stage A learns; stage B has not yet learned to read the image in its budget,
-so no weights ship.
+Status (docs/TRAINED.md): stage A learns; stage B with supervised attention learns every question
+type on oracle features; the full run on the real tower is still to be measured, so no weights ship.
 
 Everything is seeded; fp32; `--threads` (default 2) sets torch's intra-op threads.
 """
@@ -32,6 +36,7 @@ Everything is seeded; fp32; `--threads` (default 2) sets torch's intra-op thread
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -528,16 +533,28 @@ def tower_features(tower, pix: torch.Tensor, bs: int = 16) -> torch.Tensor:
     return torch.cat(outs)
 
 
+def object_masks(scene: S.Scene, grow: bool = True) -> np.ndarray:
+    """(n_objects, 576) bool: per object, the patches its pixels fall in, grown by one patch unless
+    `grow` is False (a LLaVA-1.5 scene; an object drawn over by a later one keeps only its visible pixels)."""
+    _, lab = scene.render(labels=True)
+    out = np.zeros((len(scene.objects), N_PATCH), dtype=bool)
+    for i in range(len(scene.objects)):
+        m = (lab.reshape(GRID, 14, GRID, 14) == i + 1).any(axis=(1, 3))
+        if not grow:
+            out[i] = m.flatten()
+            continue
+        g = np.pad(m, 1)
+        grown = np.zeros_like(m)
+        for dy in range(3):
+            for dx in range(3):
+                grown |= g[dy : dy + GRID, dx : dx + GRID]
+        out[i] = grown.flatten()
+    return out
+
+
 def object_mask(scene: S.Scene) -> np.ndarray:
     """(576,) bool: patches any object pixel falls in, grown by one patch (a LLaVA-1.5 scene)."""
-    _, lab = scene.render(labels=True)
-    m = (lab.reshape(GRID, 14, GRID, 14) > 0).any(axis=(1, 3))
-    g = np.pad(m, 1)
-    grown = np.zeros_like(m)
-    for dy in range(3):
-        for dx in range(3):
-            grown |= g[dy : dy + GRID, dx : dx + GRID]
-    return grown.flatten()
+    return object_masks(scene).any(axis=0)
 
 
 def curriculum_keep(masks, idx, p_bg: float, rng: random.Random):
@@ -549,6 +566,64 @@ def curriculum_keep(masks, idx, p_bg: float, rng: random.Random):
         m = masks[j]
         out.append(torch.tensor([i for i in range(N_PATCH) if m[i] or rng.random() < p_bg], dtype=torch.long))
     return out
+
+
+def subset_example(scene: S.Scene, omasks: np.ndarray, k_max: int, p_bg: float, rng: random.Random):
+    """The object curriculum of stage B: the LLM sees the tokens of at most `k_max` of the scene's
+    objects (a random subset of 1..k_max, each object's patches grown by one) and each background
+    patch (one no object touches) with probability `p_bg`; the questions are asked about the scene
+    reduced to those objects, so every answer is read off tokens the LLM sees. Returns (kept token
+    indices, reduced scene); (None, scene) when the scene has no more than `k_max` objects and every
+    background patch is kept."""
+    n = len(scene.objects)
+    if n <= k_max and p_bg >= 1.0:
+        return None, scene
+    chosen = sorted(rng.sample(range(n), rng.randint(1, min(n, k_max)))) if n > k_max else list(range(n))
+    bg = ~omasks.any(axis=0)
+    keep = omasks[chosen].any(axis=0) | (bg & (np.array([rng.random() for _ in range(N_PATCH)]) < p_bg))
+    reduced = dataclasses.replace(scene, objects=tuple(scene.objects[i] for i in chosen))
+    return torch.from_numpy(np.nonzero(keep)[0]).long(), reduced
+
+
+def _spread(core: np.ndarray, objs: list[int]):
+    """Uniform target over the patches of objects `objs`, or the word itself when there are none."""
+    m = np.nonzero(core[objs].any(axis=0))[0] if objs else np.zeros(0, dtype=np.int64)
+    if not len(m):
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0), 1.0
+    return torch.from_numpy(m).long(), torch.full((len(m),), 1.0 / len(m)), 0.0
+
+
+def lookup_target(scene: S.Scene, asked: S.Scene, q: S.Question, core: np.ndarray):
+    """Where the question's words should look in decoder layer 0 (the supervised look-up of stage B):
+    (shape-word target, colour-word target or None), each (original patch indices, their weights,
+    weight on the word itself). The shape word looks at every object of its kind that the LLM sees
+    (colour questions: the one object; none: the word itself); for "how many", at each such object's
+    centre patch and at itself, 1/(n+1) each, so the share left on the word says how many. The colour
+    word (presence, side) looks at every object of its colour. `core`: `object_masks(scene,
+    grow=False)`; `asked`: the scene the question was asked about (`scene` or a reduced copy)."""
+    seen = [next(i for i, o in enumerate(scene.objects) if o is a) for a in asked.objects]
+    words = q.text.rstrip("?").split()
+    kind = next(k for k in S.SHAPES if k in words or S.plural(k) in words)
+    colour = next((c for c in S.COLOURS if c in words), None)
+    same = [i for i in seen if scene.objects[i].shape == kind]
+    if q.type == "count":
+        idx = [c for c in (_centre(core[i]) for i in same) if c is not None]
+        n = len(idx)
+        shape_t = (torch.tensor(idx, dtype=torch.long), torch.full((n,), 1.0 / (n + 1)), 1.0 / (n + 1))
+    else:
+        shape_t = _spread(core, same)
+    colour_t = _spread(core, [i for i in seen if scene.objects[i].colour == colour]) if colour else None
+    return shape_t, colour_t
+
+
+def _centre(mask: np.ndarray):
+    """The patch of `mask` (576,) nearest its centroid (None if empty)."""
+    ii = np.nonzero(mask)[0]
+    if not len(ii):
+        return None
+    y, x = ii // GRID, ii % GRID
+    d = (y - y.mean()) ** 2 + (x - x.mean()) ** 2
+    return int(ii[d.argmin()])
 
 
 def cache(tower, proc, scene_list, next_: bool):
@@ -614,17 +689,23 @@ class Seq:
         return self.ids[text]
 
     def build(self, questions, n_img: int):
+        """(ids, labels); `self.marks` then holds, per question, (answer position, shape-word
+        position, colour-word position or None) in the ids; `self.image_start` the first image position."""
         eos = self.tok.eos_token_id
         img = self.tok.convert_tokens_to_ids("<image>")
         ids = self.enc("USER:") + [img] * n_img
+        self.image_start = len(self.enc("USER:"))
+        self.marks = []
         labels = [-100] * len(ids)
         for j, q in enumerate(questions):
             p = self.enc(("" if j == 0 else "USER: ") + q.text + " ASSISTANT:")
             a = self.enc(q.answer) + [eos]
+            words = self.tok.convert_ids_to_tokens(p)
+            kw = max(i for i, w in enumerate(words) if w in SHAPE_WORDS)
+            cw = [i for i, w in enumerate(words) if w in S.COLOURS]
+            self.marks.append((len(ids) + len(p) - 1, len(ids) + kw, len(ids) + cw[-1] if cw else None))
             lab = [-100] * len(p)
             if self.aux:
-                words = self.tok.convert_ids_to_tokens(p)
-                kw = max(i for i, w in enumerate(words) if w in SHAPE_WORDS)
                 for t in range(kw + 1, len(p)):
                     lab[t] = a[0]
             ids += p + a
@@ -650,14 +731,100 @@ def image_embeds(model, feats, sizes, next_: bool, keep=None):
     return out
 
 
-def lm_loss(model, tok, seqb, feats, sizes, qsets, next_: bool, first_only: bool = False, keep=None):
-    """Teacher-forced loss over answer tokens; with `first_only`, also the argmax hits of turn 1's answer."""
+def attention_rows(layer, h: torch.Tensor, b: int, qpos, rotary) -> torch.Tensor:
+    """(heads, len(qpos), L) causal attention of decoder `layer` in batch row `b` at query positions
+    `qpos` (an int or a list), from the layer's input hidden states `h` (B, L, D): recomputed from
+    q/k for those rows only (right-padded rows, positions 0..L-1; padding keys are never attended
+    to from a real query position, since they come after it). An int `qpos` gives (heads, qpos + 1)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    single = isinstance(qpos, int)
+    qp = torch.tensor([qpos] if single else list(qpos), dtype=torch.long)
+    L = int(qp.max()) + 1
+    attn = layer.self_attn
+    d = attn.head_dim
+    x = layer.input_layernorm(h[b : b + 1, :L])
+    k = attn.k_proj(x).view(1, L, -1, d).transpose(1, 2)
+    q = attn.q_proj(x[:, qp]).view(1, len(qp), -1, d).transpose(1, 2)
+    cos, sin = rotary(x, torch.arange(L)[None])
+    _, k = apply_rotary_pos_emb(k, k, cos, sin)
+    q, _ = apply_rotary_pos_emb(q, q, cos[:, qp], sin[:, qp])
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    scores = (q @ k.transpose(-1, -2))[0] * attn.scaling  # heads, n, L
+    scores = scores.masked_fill(torch.arange(L)[None, :] > qp[:, None], float("-inf"))
+    out = torch.softmax(scores, dim=-1)
+    return out[:, 0] if single else out
+
+
+def attention_loss(base, hs, seq_marks, image_starts, targets, keep) -> torch.Tensor:
+    """Supervised attention, two hops. Decoder layer 0: each question's shape word looks its objects
+    up (query heads of KV head 0) and its colour word, when it has one, looks its colour up (KV head
+    1), as `lookup_target` says. Layer 1, at the answer position (the last prompt token): KV head 0's
+    query heads find the shape word, KV head 1's the colour word. The other layers and heads are
+    free. `targets`: per row, per question, `lookup_target`'s pair. Cross-entropy of each target
+    distribution against the attention, averaged; the mean attention mass on each target is kept in
+    `attention_loss.masses`. Both look-ups read raw word embeddings (layer 0), which is what makes
+    them quick to learn: a look-up in layer 1 whose query had to be assembled by layer 0 stayed at
+    0.3 of its target after 240 steps on oracle features, where this reaches 0.99 in 100."""
+    layers = base.language_model.layers
+    rotary = base.language_model.rotary_emb
+    cfg = layers[0].self_attn.config
+    g = cfg.num_attention_heads // cfg.num_key_value_heads
+    terms = []
+    parts = {"shape look-up": [], "colour look-up": [], "find words": []}
+
+    def xent(att, idx, w, w_self, self_pos, start):
+        logp = torch.log(att + 1e-6)
+        ce = -(logp[:, start + idx] * w).sum(-1) - w_self * logp[:, self_pos]
+        mass = att[:, start + idx].sum(-1) + (att[:, self_pos] if w_self > 0 else 0.0)
+        return (ce / (w.sum() + w_self)).mean(), mass.mean().item()
+
+    for b, (marks, start, tg) in enumerate(zip(seq_marks, image_starts, targets)):
+        pos_of = None
+        if keep is not None and keep[b] is not None:
+            pos_of = torch.full((N_PATCH,), -1, dtype=torch.long)
+            pos_of[keep[b]] = torch.arange(len(keep[b]))
+        qpos = sorted({m[1] for m in marks} | {m[2] for m in marks if m[2] is not None})
+        col = {p: i for i, p in enumerate(qpos)}
+        A0 = attention_rows(layers[0], hs[0], b, qpos, rotary)
+        A1 = attention_rows(layers[1], hs[1], b, [m[0] for m in marks], rotary)
+        for j, ((ans, kw, cw), t) in enumerate(zip(marks, tg)):
+            terms.append(-torch.log(A1[:g, j, kw] + 1e-6).mean())
+            found = [A1[:g, j, kw].mean().item()]
+            if cw is not None:
+                terms.append(-torch.log(A1[g : 2 * g, j, cw] + 1e-6).mean())
+                found.append(A1[g : 2 * g, j, cw].mean().item())
+            parts["find words"].append(float(np.mean(found)))
+            if t is None:
+                continue
+            for name, tt, pos, heads in (("shape look-up", t[0], kw, slice(0, g)), ("colour look-up", t[1], cw, slice(g, 2 * g))):
+                if tt is None or pos is None:
+                    continue
+                idx, w, w_self = tt
+                if pos_of is not None:
+                    p = pos_of[idx]
+                    idx, w = p[p >= 0], w[p >= 0]
+                if w.sum() + w_self <= 0:
+                    continue
+                ce, mass = xent(A0[heads, col[pos]], idx, w, w_self, pos, start)
+                terms.append(ce)
+                parts[name].append(mass)
+    attention_loss.masses = {k: float(np.mean(v)) if v else float("nan") for k, v in parts.items()}
+    return torch.stack(terms).mean() if terms else torch.zeros(())
+
+
+def lm_loss(model, tok, seqb, feats, sizes, qsets, next_: bool, first_only: bool = False, keep=None, att=None):
+    """Teacher-forced loss over answer tokens; with `first_only`, also the argmax hits of turn 1's answer.
+    `att` = (weight, targets): adds `weight` x `attention_loss` (targets: per row, per question, the
+    original patch indices of the objects the answer depends on, or None)."""
     embeds = image_embeds(model, feats, sizes, next_, keep)
-    rows, labs = [], []
+    rows, labs, marks, starts = [], [], [], []
     for e, qs in zip(embeds, qsets):
         ids, lab = seqb.build(qs, e.shape[0])
         rows.append(ids)
         labs.append(lab)
+        marks.append(seqb.marks)
+        starts.append(seqb.image_start)
     L = max(len(r) for r in rows)
     B = len(rows)
     ids = torch.full((B, L), tok.pad_token_id)
@@ -672,11 +839,17 @@ def lm_loss(model, tok, seqb, feats, sizes, qsets, next_: bool, first_only: bool
     img_id = tok.convert_tokens_to_ids("<image>")
     mask = ids == img_id
     x = x.masked_scatter(mask[..., None].expand_as(x), torch.cat(embeds).to(x.dtype))
-    h = base.language_model(inputs_embeds=x, attention_mask=am).last_hidden_state
+    out = base.language_model(inputs_embeds=x, attention_mask=am, output_hidden_states=att is not None)
+    h = out.last_hidden_state
     tgt = labels[:, 1:]
     sel = tgt != -100
     logits = model.lm_head(h[:, :-1][sel])
     loss = F.cross_entropy(logits, tgt[sel])
+    lm_loss.last = (loss.item(), float("nan"))
+    if att is not None and att[0] > 0:
+        a_loss = attention_loss(base, out.hidden_states, marks, starts, att[1], keep)
+        lm_loss.last = (loss.item(), a_loss.item())
+        loss = loss + att[0] * a_loss
     hits = None
     if first_only:
         # first supervised position of each row = the first answer token of turn 1
@@ -702,7 +875,7 @@ def evaluate_fast(model, tok, seqb, feats, sizes, val_q, next_: bool, bs: int = 
     return {t: float(np.mean(v)) if v else float("nan") for t, v in res.items()}
 
 
-def init_lookup(model, tok, feats, scene_list, scale: float = 2.0, recency: float = 3.0) -> None:
+def init_lookup(model, tok, feats, scene_list, scale: float = 2.0, word_scale: float = 5.0) -> None:
     """Start the LLM with the look-up it has to learn already in place (stage B, from scratch only).
 
     From the projected features of cached training patches: the direction that sets each shape's
@@ -712,7 +885,7 @@ def init_lookup(model, tok, feats, scene_list, scale: float = 2.0, recency: floa
     the shape directions and its query heads' rows read the shape-word codes, KV head 1 the same for
     colours, all in the low-frequency RoPE pairs (which barely rotate over a few hundred positions).
     So at initialisation "circle" attends to circle patches and not to itself (its key is zero).
-    Everything stays trainable."""
+    Decoder layer 1 gets word-finding heads (below). Everything stays trainable."""
     proj = model.model.multi_modal_projector
     emb = model.model.get_input_embeddings().weight
     cfg = model.config.text_config
@@ -739,7 +912,7 @@ def init_lookup(model, tok, feats, scene_list, scale: float = 2.0, recency: floa
         r = torch.randn(d_model, sum(len(n) for n, _ in sets) + 1, generator=g)
         codes = torch.linalg.qr(r - span @ (span.T @ r))[0].T  # orthonormal, orthogonal to every direction
         norm = P.norm(dim=-1).mean()
-        u = codes[-1]  # a "constant" direction every token gets: the recency heads' key and query
+        u = codes[-1]  # a "constant" direction every ordinary token gets: the word-finding heads' query
         for i in range(emb.shape[0]):
             emb[i] += u * emb[i].norm()
         proj.linear_2.bias += u * norm
@@ -760,16 +933,45 @@ def init_lookup(model, tok, feats, scene_list, scale: float = 2.0, recency: floa
             attn.k_proj.weight[kv * hd : (kv + 1) * hd] = kw
             for h in range(kv * groups, (kv + 1) * groups):
                 attn.q_proj.weight[h * hd : (h + 1) * hd] = qw
-        # decoder layer 1, KV head 0: a recency head. q = k = a * u on the RoPE pairs 1..3, so the score
-        # is beta * sum_i cos(theta_i * distance): the last few tokens (the question) win over the image
+        # decoder layer 1: word-finding heads. KV head 0's key reads the shape-word flag (the sum of the
+        # shape codes; image tokens and other words have none of it) and its queries read u, which
+        # every ordinary token carries: the question's last tokens attend to the shape word, where
+        # layer 0 put the looked-up content (0.4 of the last token's attention at init on oracle
+        # features, against 0.02 for the recency head this replaces). KV head 1: the same for colour words.
         att1 = model.model.language_model.layers[1].self_attn
-        a = (4.0 * recency / 32.0) ** 0.5  # |u . x| ~ sqrt(d_model / 2) after RMSNorm
-        w = torch.zeros(hd, d_model)
-        for i in (1, 2, 3):
-            w[i] = a * u
-        att1.k_proj.weight[:hd] = w
-        for h in range(groups):
-            att1.q_proj.weight[h * hd : (h + 1) * hd] = w
+        off = 0
+        for kv, (names, _) in enumerate(sets[: cfg.num_key_value_heads]):
+            flag = unit(codes[off : off + len(names)].sum(0))
+            off += len(names)
+            kw, qw = torch.zeros(hd, d_model), torch.zeros(hd, d_model)
+            kw[hd // 2 - 1] = word_scale * flag  # the slowest RoPE pair: no decay over the image span
+            qw[hd // 2 - 1] = word_scale * u
+            att1.k_proj.weight[kv * hd : (kv + 1) * hd] = kw
+            for h in range(kv * groups, (kv + 1) * groups):
+                att1.q_proj.weight[h * hd : (h + 1) * hd] = qw
+
+
+def init_value_paths(model, scale: float = 1.0, n_layers: int = 2) -> None:
+    """Decoder layers 0..n_layers-1 (the supervised hops): each KV head's value rows an orthonormal
+    16-dim slice of the residual and every query head's output the transpose (scaled by
+    scale / heads per KV head), so a head copies what it attends to into the residual from the
+    start. With std-0.02 value and output weights, a 2-hop path (patch -> word -> answer
+    position) carries ~1e-2 of its signal and its readout is learnt hundreds of steps later (measured
+    on oracle features: at the answer prior through 600 steps, against 200 with this)."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in model.model.language_model.layers[:n_layers]:
+            at = layer.self_attn
+            hd = at.head_dim
+            d_model = at.o_proj.weight.shape[0]
+            n_kv = at.v_proj.weight.shape[0] // hd
+            n_q = at.o_proj.weight.shape[1] // hd
+            Q = torch.linalg.qr(torch.randn(d_model, d_model, generator=g))[0]
+            for kv in range(n_kv):
+                at.v_proj.weight[kv * hd : (kv + 1) * hd] = Q[:, kv * hd : (kv + 1) * hd].T
+            for h in range(n_q):
+                kv = h // (n_q // n_kv)
+                at.o_proj.weight[:, h * hd : (h + 1) * hd] = Q[:, kv * hd : (kv + 1) * hd] * (scale / (n_q // n_kv))
 
 
 def stage_b(model, tok, proc, args, rng: random.Random, next_: bool):
@@ -784,7 +986,9 @@ def stage_b(model, tok, proc, args, rng: random.Random, next_: bool):
     feats, sizes = cache(tower, proc, train_sc, next_)
     vfeats, vsizes = cache(tower, proc, val_sc, next_)
     val_q = S.eval_questions(val_sc)
-    masks = None if next_ or args.bg_start >= 1.0 else [object_mask(sc) for sc in train_sc]
+    objects_step = getattr(args, "objects_step", 0)
+    omasks = [object_masks(sc) for sc in train_sc] if not next_ and (objects_step or args.bg_start < 1.0) else None
+    masks = None if next_ or args.bg_start >= 1.0 else [m.any(axis=0) for m in omasks]
     if not next_ and args.zero_init_b:
         # residual branches of the fresh LLM start at zero (a 16-layer stack that trains like a shallow one)
         with torch.no_grad():
@@ -794,14 +998,19 @@ def stage_b(model, tok, proc, args, rng: random.Random, next_: bool):
     if args.lookup_init and not next_:
         init_lookup(model, tok, feats[: args.lookup_scenes], train_sc[: args.lookup_scenes])
         log("B look-up initialisation done")
+    att_w = getattr(args, "att_b", 0.0) if not next_ else 0.0
+    cores = [object_masks(sc, grow=False) for sc in train_sc] if att_w > 0 else None
+    if getattr(args, "vo_init", 0.0) and not next_:
+        init_value_paths(model, args.vo_init)
     log(f"B cached {len(feats)} train + {len(vfeats)} val images in {time.time() - t0:.0f}s")
     params = [p for n, p in model.named_parameters() if not n.startswith("model.vision_tower")]
     opt = torch.optim.AdamW(params, lr=args.lr_b, weight_decay=0.01, betas=(0.9, 0.98))
+
     seqb = Seq(tok, aux=args.aux_b)
     model.train()
     steps, bs = args.steps_b, args.batch_b
     order = []
-    hist = []
+    hist, masses = [], []
     t1 = time.time()
     for step in range(steps):
         lr = args.lr_b * min(1.0, (step + 1) / 20) * (0.5 * (1 + math.cos(math.pi * step / steps)) * 0.97 + 0.03)
@@ -812,19 +1021,34 @@ def stage_b(model, tok, proc, args, rng: random.Random, next_: bool):
             rng.shuffle(perm)
             order += perm
         idx, order = order[:bs], order[bs:]
-        qsets = [sample_questions(train_sc[j], rng, args.per_type) for j in idx]
         # curriculum: early steps see every object patch but few background patches (the answer-bearing
         # tokens are a larger share, so the look-up is found sooner); from `bg_full` of the run on, all
         p_bg = args.bg_start + (1.0 - args.bg_start) * min(1.0, step / max(1.0, args.bg_full * steps))
-        keep = curriculum_keep(masks, idx, p_bg, rng)
-        loss, _ = lm_loss(model, tok, seqb, [feats[j] for j in idx], [sizes[j] for j in idx], qsets, next_, keep=keep)
+        if objects_step and not next_:
+            # object curriculum: at most 1 + step // objects_step objects' tokens, questions about those
+            k_max = 1 + step // objects_step
+            sub = [subset_example(train_sc[j], omasks[j], k_max, p_bg, rng) for j in idx]
+            keep = [k for k, _ in sub]
+            keep = None if all(k is None for k in keep) else [k if k is not None else torch.arange(N_PATCH) for k in keep]
+            asked = [sc for _, sc in sub]
+        else:
+            asked = [train_sc[j] for j in idx]
+            keep = curriculum_keep(masks, idx, p_bg, rng)
+        qsets = [sample_questions(sc, rng, args.per_type) for sc in asked]
+        att = None
+        if att_w > 0:
+            att = (att_w, [[lookup_target(train_sc[j], sc, q, cores[j]) for q in qs] for j, sc, qs in zip(idx, asked, qsets)])
+        loss, _ = lm_loss(model, tok, seqb, [feats[j] for j in idx], [sizes[j] for j in idx], qsets, next_, keep=keep, att=att)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        hist.append(loss.item())
+        hist.append(lm_loss.last[0] if att else loss.item())
+        if att:
+            masses.append(attention_loss.masses)
         if step % 10 == 0 or step == steps - 1:
-            log(f"B {step}/{steps} loss {np.mean(hist[-10:]):.3f} lr {lr:.2e} background kept {p_bg:.2f} {time.time() - t1:.0f}s")
+            m = {k: round(float(np.nanmean([x[k] for x in masses[-10:]])), 3) for k in masses[-1]} if masses else {}
+            log(f"B {step}/{steps} loss {np.mean(hist[-10:]):.3f} lr {lr:.2e} background kept {p_bg:.2f}" + (f" attention on target {json.dumps(m)}" if m else "") + f" {time.time() - t1:.0f}s")
         if (step + 1) % args.eval_every == 0 or step == steps - 1:
             acc = evaluate_fast(model, tok, Seq(tok), vfeats, vsizes, val_q, next_)  # no auxiliary targets
             log("B val first-token accuracy", json.dumps({k: round(v, 3) for k, v in acc.items()}), f"mean {np.mean(list(acc.values())):.3f}")
@@ -856,9 +1080,12 @@ def main(argv=None):
     ap.add_argument("--lr-b", type=float, default=None)
     ap.add_argument("--bg-start", type=float, default=None, help="share of background patches kept at the start of stage B (1 = no curriculum)")
     ap.add_argument("--bg-full", type=float, default=0.6, help="fraction of stage B after which every patch is kept")
-    ap.add_argument("--lookup-init", type=int, default=1, help="start the LLM with word/patch similarity heads (init_lookup)")
+    ap.add_argument("--lookup-init", type=int, default=0, help="start the LLM with word/patch similarity heads (init_lookup)")
     ap.add_argument("--lookup-scenes", type=int, default=200)
-    ap.add_argument("--zero-init-b", type=int, default=1)
+    ap.add_argument("--att-b", type=float, default=1.0, help="weight of the supervised attention loss (attention_loss; LLaVA-1.5 only; 0 = off)")
+    ap.add_argument("--vo-init", type=float, default=1.0, help="value/output init of decoder layers 0-2 (init_value_paths; 0 = off)")
+    ap.add_argument("--objects-step", type=int, default=0, help="object curriculum: the LLM sees at most 1 + step // N objects' tokens (0 = off)")
+    ap.add_argument("--zero-init-b", type=int, default=0)
     ap.add_argument("--aux-b", type=int, default=1, help="answer targets from the shape word on (1) or on the answer only (0)")
     ap.add_argument("--per-type", type=int, default=4, help="questions per type in each training conversation")
     ap.add_argument("--cache-b", type=int, default=None, help="training scenes whose features are cached")
