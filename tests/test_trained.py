@@ -313,3 +313,17 @@ def test_stage_b_object_curriculum_hides_the_other_objects():
     assert set(keep.tolist()) == set(om[shown].any(0).nonzero()[0].tolist())  # no background, no hidden object
     keep, same = train.subset_example(sc, om, 9, 1.0, random.Random(1))
     assert keep is None and same is sc
+
+
+def test_stage_b_projector_starts_as_a_standardisation():
+    tok, model = _tiny_lm(2)
+    torch.manual_seed(0)
+    feats = [100.0 + torch.randn(1, 576, 64) * torch.linspace(1, 20, 64) for _ in range(3)]  # CLIP-like: a large mean
+    train.init_projector(model, feats)
+    proj = model.model.multi_modal_projector
+    with torch.no_grad():
+        z = proj.linear_1(torch.cat(feats)[:, :, :].reshape(-1, 64))
+        out = proj(feats[0][0])
+    torch.testing.assert_close(z.mean(0), torch.zeros(64), atol=1e-3, rtol=0)
+    torch.testing.assert_close(z.std(0), torch.ones(64), atol=1e-3, rtol=0)
+    torch.testing.assert_close(out, torch.nn.functional.gelu(z[:576]), atol=1e-5, rtol=0)
