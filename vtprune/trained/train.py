@@ -28,8 +28,7 @@ from the LLaVA-1.5 model's projector and LLM and fine-tunes them on AnyRes featu
 crops, HF's own `pack_image_features`, a trained `image_newline`).
 
 Status (docs/TRAINED.md): stage A learns; stage B with supervised attention learns every question
-type on oracle features, but not yet on the tower's features (shape looks barely readable at
-layer -2), so no weights ship.
+type on oracle features, but not yet on the tower's features, so no weights ship.
 
 Everything is seeded; fp32; `--threads` (default 2) sets torch's intra-op threads.
 """
