@@ -1109,7 +1109,7 @@ def main(argv=None):
     ap.add_argument("--lookup-init", type=int, default=0, help="start the LLM with word/patch similarity heads (init_lookup)")
     ap.add_argument("--lookup-scenes", type=int, default=200)
     ap.add_argument("--att-b", type=float, default=1.0, help="weight of the supervised attention loss (attention_loss; LLaVA-1.5 only; 0 = off)")
-    ap.add_argument("--vo-init", type=float, default=1.0, help="value/output init of decoder layers 0-2 (init_value_paths; 0 = off)")
+    ap.add_argument("--vo-init", type=float, default=1.0, help="value/output init of decoder layers 0-1 (init_value_paths; 0 = off)")
     ap.add_argument("--proj-init", type=int, default=1, help="start the projector as a standardisation of the cached features (init_projector)")
     ap.add_argument("--objects-step", type=int, default=0, help="object curriculum: the LLM sees at most 1 + step // N objects' tokens (0 = off)")
     ap.add_argument("--zero-init-b", type=int, default=1, help="zero-init the LLM's residual branches (all but the attention init_value_paths sets)")
