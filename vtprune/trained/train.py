@@ -537,19 +537,20 @@ def object_masks(scene: S.Scene, grow: bool = True) -> np.ndarray:
     """(n_objects, 576) bool: per object, the patches its pixels fall in, grown by one patch unless
     `grow` is False (a LLaVA-1.5 scene; an object drawn over by a later one keeps only its visible pixels)."""
     _, lab = scene.render(labels=True)
-    out = np.zeros((len(scene.objects), N_PATCH), dtype=bool)
-    for i in range(len(scene.objects)):
-        m = (lab.reshape(GRID, 14, GRID, 14) == i + 1).any(axis=(1, 3))
-        if not grow:
-            out[i] = m.flatten()
-            continue
-        g = np.pad(m, 1)
-        grown = np.zeros_like(m)
-        for dy in range(3):
-            for dx in range(3):
-                grown |= g[dy : dy + GRID, dx : dx + GRID]
-        out[i] = grown.flatten()
-    return out
+    lab = lab.reshape(GRID, 14, GRID, 14)
+    core = np.stack([(lab == i + 1).any(axis=(1, 3)).flatten() for i in range(len(scene.objects))]) if scene.objects else np.zeros((0, N_PATCH), bool)
+    return grow_masks(core) if grow else core
+
+
+def grow_masks(core: np.ndarray) -> np.ndarray:
+    """(n, 576) bool patch masks, each grown by one patch in every direction (diagonals included)."""
+    m = core.reshape(-1, GRID, GRID)
+    g = np.pad(m, ((0, 0), (1, 1), (1, 1)))
+    grown = np.zeros_like(m)
+    for dy in range(3):
+        for dx in range(3):
+            grown |= g[:, dy : dy + GRID, dx : dx + GRID]
+    return grown.reshape(-1, N_PATCH)
 
 
 def object_mask(scene: S.Scene) -> np.ndarray:
@@ -1007,7 +1008,10 @@ def stage_b(model, tok, proc, args, rng: random.Random, next_: bool):
     vfeats, vsizes = cache(tower, proc, val_sc, next_)
     val_q = S.eval_questions(val_sc)
     objects_step = getattr(args, "objects_step", 0)
-    omasks = [object_masks(sc) for sc in train_sc] if not next_ and (objects_step or args.bg_start < 1.0) else None
+    att_w = getattr(args, "att_b", 0.0) if not next_ else 0.0
+    need = not next_ and (objects_step or args.bg_start < 1.0 or att_w > 0)
+    cores = [object_masks(sc, grow=False) for sc in train_sc] if need else None  # one render per scene
+    omasks = [grow_masks(c) for c in cores] if need else None
     masks = None if next_ or args.bg_start >= 1.0 else [m.any(axis=0) for m in omasks]
     vo = getattr(args, "vo_init", 0.0) if not next_ else 0.0
     if not next_ and args.zero_init_b:
@@ -1024,8 +1028,6 @@ def stage_b(model, tok, proc, args, rng: random.Random, next_: bool):
     if args.lookup_init and not next_:
         init_lookup(model, tok, feats[: args.lookup_scenes], train_sc[: args.lookup_scenes])
         log("B look-up initialisation done")
-    att_w = getattr(args, "att_b", 0.0) if not next_ else 0.0
-    cores = [object_masks(sc, grow=False) for sc in train_sc] if att_w > 0 else None
     if vo:
         init_value_paths(model, vo)
     log(f"B cached {len(feats)} train + {len(vfeats)} val images in {time.time() - t0:.0f}s")
@@ -1069,7 +1071,7 @@ def stage_b(model, tok, proc, args, rng: random.Random, next_: bool):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        hist.append(lm_loss.last[0] if att else loss.item())
+        hist.append(lm_loss.last[0])  # the answer loss, without the attention term
         if att:
             masses.append(attention_loss.masses)
         if step % 10 == 0 or step == steps - 1:
