@@ -170,6 +170,23 @@ def test_stage_a_initialisation_is_identity_with_neighbour_heads():
         assert att[h, 1:, 1:].argmax(-1).reshape(24, 24)[12, 12].item() == (12 + oy) * 24 + 12 + ox
 
 
+def test_stage_a_keeps_the_position_channels_exact(recipe):
+    """After stage A (pin_positions), the last NPOS channels of every hidden state the tower produces
+    are the position code as pre_layrnorm left it: no layer wrote patch content into them, so the
+    neighbour heads stay local on whole images."""
+    model, _ = trained.load("llava15", directory=recipe / "llava15")
+    tower = model.model.vision_tower
+    d, n = tower.config.hidden_size, train.NPOS
+    torch.testing.assert_close(tower.embeddings.position_embedding.weight[1:, d - n :], train.position_code(), rtol=0, atol=0)
+    assert tower.embeddings.patch_embedding.weight[d - n :].abs().max() == 0
+    with torch.no_grad():
+        hs = tower(pixel_values=torch.randn(2, 3, 336, 336), output_hidden_states=True).hidden_states
+    # the training steps did move the residual branches, so this is not the identity initialisation
+    assert (hs[-2][..., : d - n] - hs[0][..., : d - n]).abs().max() > 1e-3
+    for h in hs[1:]:
+        torch.testing.assert_close(h[..., d - n :], hs[0][..., d - n :], rtol=0, atol=1e-6)
+
+
 def test_stage_b_curriculum_keeps_every_object_patch():
     import random
 
