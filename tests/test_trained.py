@@ -317,6 +317,16 @@ def test_stage_b_value_paths_copy_a_subspace():
         # two query heads share a KV head: together they apply the orthogonal projector onto its slice
         torch.testing.assert_close(ov @ ov, ov / 2, atol=1e-5, rtol=0)
         assert abs(torch.trace(ov).item() - hd / 2) < 1e-4
+    # the hops compose: what layer 0's KV head k writes is what layer 1's KV head k reads
+    v1 = model.model.language_model.layers[1].self_attn.v_proj.weight
+    for h in range(4):
+        kv = h // 2
+        hop = v1[kv * hd : (kv + 1) * hd] @ at.o_proj.weight[:, h * hd : (h + 1) * hd]
+        torch.testing.assert_close(hop, torch.eye(hd) / 2, atol=1e-5, rtol=0)
+    train.init_value_paths(model, 1.0, same_slices=False)
+    v1 = model.model.language_model.layers[1].self_attn.v_proj.weight
+    hop = v1[:hd] @ model.model.language_model.layers[0].self_attn.o_proj.weight[:, :hd]
+    assert torch.trace(hop).abs().item() < hd / 4
 
 
 def test_stage_b_object_curriculum_hides_the_other_objects():

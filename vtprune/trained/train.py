@@ -274,13 +274,20 @@ def init_tower(tower) -> None:
                 lin.weight.zero_()
                 lin.bias.zero_()
             if i < LOCAL_LAYERS:
-                q, k = layer.self_attn.q_proj, layer.self_attn.k_proj
-                for lin in (q, k):
-                    lin.weight.zero_()
-                    lin.bias.zero_()
-                for h, (oy, ox) in enumerate(OFFSETS[i % 2]):
-                    q.weight[h * hd : h * hd + NPOS, d - NPOS :] = LOCAL_BETA * _shift(oy, ox)
-                    k.weight[h * hd : h * hd + NPOS, d - NPOS :] = torch.eye(NPOS)
+                _local_heads(layer, i, d, hd)
+
+
+def _local_heads(layer, i: int, d: int, hd: int) -> None:
+    """Layer i's heads as neighbour heads: query = the position code rotated to one neighbour,
+    key = the code; no content terms."""
+    q, k = layer.self_attn.q_proj, layer.self_attn.k_proj
+    with torch.no_grad():
+        for lin in (q, k):
+            lin.weight.zero_()
+            lin.bias.zero_()
+        for h, (oy, ox) in enumerate(OFFSETS[i % 2]):
+            q.weight[h * hd : h * hd + NPOS, d - NPOS :] = LOCAL_BETA * _shift(oy, ox)
+            k.weight[h * hd : h * hd + NPOS, d - NPOS :] = torch.eye(NPOS)
 
 
 def pin_positions(tower) -> None:
@@ -291,7 +298,9 @@ def pin_positions(tower) -> None:
     writes patch content into these channels (rms 1.26 against a code of rms 0.7 after 3,800 steps)
     and the neighbour heads go from local to uniform over the 576 patches: their 3x3 mass on full
     images fell to 0.02-0.05, and the patches lost the context that tells a shape's edge patch from
-    another's (per-patch shape 0.97 on 5x5 windows, 0.38 on whole images)."""
+    another's (per-patch shape 0.97 on 5x5 windows, 0.38 on whole images; 0.49 with this). Pinning
+    the neighbour heads' queries and keys as well (position-only attention in layers 0-7) did not
+    help: 0.31 on whole images after the windows, 0.60 after 150 whole-image steps against 0.68."""
     d = tower.config.hidden_size
     emb = tower.embeddings
     with torch.no_grad():
@@ -304,7 +313,7 @@ def pin_positions(tower) -> None:
         pe[1:, d - NPOS :] = position_code()
         tower.pre_layrnorm.weight[d - NPOS :] = 1.0
         tower.pre_layrnorm.bias[d - NPOS :] = 0.0
-        for layer in tower.encoder.layers:
+        for i, layer in enumerate(tower.encoder.layers):
             for lin in (layer.self_attn.out_proj, layer.mlp.fc2):
                 lin.weight[d - NPOS :] = 0
                 lin.bias[d - NPOS :] = 0
@@ -1031,22 +1040,26 @@ def init_projector(model, feats) -> None:
 VO_LAYERS = 2  # the decoder layers attention_loss supervises
 
 
-def init_value_paths(model, scale: float = 1.0, n_layers: int = VO_LAYERS) -> None:
+def init_value_paths(model, scale: float = 1.0, n_layers: int = VO_LAYERS, same_slices: bool = True) -> None:
     """Decoder layers 0..n_layers-1 (the supervised hops): each KV head's value rows an orthonormal
     16-dim slice of the residual and every query head's output the transpose (scaled by
     scale / heads per KV head), so a head copies what it attends to into the residual from the
-    start. With std-0.02 value and output weights, a 2-hop path (patch -> word -> answer
+    start. With `same_slices`, every layer uses the same slices, so what layer 0's KV head k writes
+    is exactly what layer 1's KV head k reads (with independent slices a hop passes on about a
+    quarter of it). With std-0.02 value and output weights, a 2-hop path (patch -> word -> answer
     position) carries ~1e-2 of its signal and its readout is learnt hundreds of steps later (measured
     on oracle features: at the answer prior through 600 steps, against 200 with this)."""
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
+        Q = None
         for layer in model.model.language_model.layers[:n_layers]:
             at = layer.self_attn
             hd = at.head_dim
             d_model = at.o_proj.weight.shape[0]
             n_kv = at.v_proj.weight.shape[0] // hd
             n_q = at.o_proj.weight.shape[1] // hd
-            Q = torch.linalg.qr(torch.randn(d_model, d_model, generator=g))[0]
+            if Q is None or not same_slices:
+                Q = torch.linalg.qr(torch.randn(d_model, d_model, generator=g))[0]
             for kv in range(n_kv):
                 at.v_proj.weight[kv * hd : (kv + 1) * hd] = Q[:, kv * hd : (kv + 1) * hd].T
             for h in range(n_q):
@@ -1091,7 +1104,18 @@ def stage_b(model, tok, proc, args, rng: random.Random, next_: bool):
         init_value_paths(model, vo)
     log(f"B cached {len(feats)} train + {len(vfeats)} val images in {time.time() - t0:.0f}s")
     params = [p for n, p in model.named_parameters() if not n.startswith("model.vision_tower")]
-    opt = torch.optim.AdamW(params, lr=args.lr_b, weight_decay=0.01, betas=(0.9, 0.98))
+    # the decoder layers above the supervised hops can start later and at a lower rate: AdamW moves
+    # each of their zero-initialised residual branches by ~lr per weight per step from step 0, and
+    # 14 such layers add noise to the residual stream before the hops below them have formed
+    deep_ids = {id(p) for j, layer in enumerate(model.model.language_model.layers) if j >= VO_LAYERS for p in layer.parameters()}
+    deep_start = int(getattr(args, "deep_start_b", 0.0) * args.steps_b)
+    deep_lr = getattr(args, "deep_lr_b", 1.0)
+    opt = torch.optim.AdamW(
+        [dict(params=[p for p in params if id(p) not in deep_ids], mult=1.0), dict(params=[p for p in params if id(p) in deep_ids], mult=deep_lr, deep=True)],
+        lr=args.lr_b,
+        weight_decay=0.01,
+        betas=(0.9, 0.98),
+    )
 
     seqb = Seq(tok, aux=args.aux_b)
     model.train()
@@ -1102,7 +1126,7 @@ def stage_b(model, tok, proc, args, rng: random.Random, next_: bool):
     for step in range(steps):
         lr = args.lr_b * min(1.0, (step + 1) / 20) * (0.5 * (1 + math.cos(math.pi * step / steps)) * 0.97 + 0.03)
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = 0.0 if g.get("deep") and step < deep_start else lr * g["mult"]
         if len(order) < bs:
             perm = list(range(len(feats)))
             rng.shuffle(perm)
@@ -1177,6 +1201,8 @@ def main(argv=None):
     ap.add_argument("--vo-init", type=float, default=1.0, help="value/output init of decoder layers 0-1 (init_value_paths; 0 = off)")
     ap.add_argument("--proj-init", type=int, default=1, help="start the projector as a standardisation of the cached features (init_projector)")
     ap.add_argument("--objects-step", type=int, default=0, help="object curriculum: the LLM sees at most 1 + step // N objects' tokens (0 = off)")
+    ap.add_argument("--deep-start-b", type=float, default=0.0, help="fraction of stage B before the decoder layers above the supervised hops train")
+    ap.add_argument("--deep-lr-b", type=float, default=1.0, help="learning-rate multiplier of those layers")
     ap.add_argument("--zero-init-b", type=int, default=1, help="zero-init the LLM's residual branches (all but the attention init_value_paths sets)")
     ap.add_argument("--aux-b", type=int, default=1, help="answer targets from the shape word on (1) or on the answer only (0)")
     ap.add_argument("--per-type", type=int, default=4, help="questions per type in each training conversation")
