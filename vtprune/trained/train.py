@@ -295,7 +295,7 @@ def pin_positions(tower) -> None:
     embedding, class embedding and every layer's residual writes (attention out_proj, MLP fc2) leave
     them at zero, the position embedding holds `position_code()`, and pre_layrnorm passes them
     through unscaled. Applied at initialisation and after every stage A step. Without it, training
-    writes patch content into these channels (rms 1.26 against a code of rms 0.7 after 3,800 steps)
+    writes patch content into these channels (rms 1.26 against a code of rms 0.7 after stage A's 3,440 steps)
     and the neighbour heads go from local to uniform over the 576 patches: their 3x3 mass on full
     images fell to 0.02-0.05, and the patches lost the context that tells a shape's edge patch from
     another's (per-patch shape 0.97 on 5x5 windows, 0.38 on whole images; 0.49 with this). Pinning
