@@ -313,7 +313,7 @@ def pin_positions(tower) -> None:
         pe[1:, d - NPOS :] = position_code()
         tower.pre_layrnorm.weight[d - NPOS :] = 1.0
         tower.pre_layrnorm.bias[d - NPOS :] = 0.0
-        for i, layer in enumerate(tower.encoder.layers):
+        for layer in tower.encoder.layers:
             for lin in (layer.self_attn.out_proj, layer.mlp.fc2):
                 lin.weight[d - NPOS :] = 0
                 lin.bias[d - NPOS :] = 0
@@ -486,9 +486,10 @@ def stage_a(tower, args, rng: random.Random):
             pin_positions(tower)
         meter.add(step, args.steps_a1, loss=loss.item(), **_acc(z, col, shp, isc))
 
-    # A1b: the same layers on whole images. Window-trained features lose most of their shape accuracy
-    # once 576 patches compete for each head's attention (0.97 -> 0.67 on 12x12 crops); this step
-    # teaches them the context the tower sees at inference.
+    # A1b (optional): the same layers on whole images. Window-trained features lose most of their
+    # shape accuracy there (0.97 -> 0.49 with pinned positions): a 5x5 window never shows the layers
+    # what lies beyond +-2 patches. This step trains them in the context the tower sees at inference;
+    # it recovers to ~0.7 and flattens (docs/TRAINED.md, "Fourth attempt").
     meter = Meter("A1b", 50)
     for step in range(args.steps_a1b):
         for g in opt.param_groups:
