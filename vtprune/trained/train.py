@@ -458,6 +458,22 @@ def stage_a(tower, args, rng: random.Random):
     params = list(tower.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr_a, weight_decay=0.05, betas=(0.9, 0.98))
 
+    def local_step(pix, ids, col, shp, cen, isc, step, steps):
+        # one step of the first A1_LAYERS layers (A1 windows, A1b whole images): dense targets at
+        # layer A1_LAYERS, auxiliary ones at a quarter and half of it
+        hs = tower_forward(tower, pix, ids, A1_LAYERS)
+        z = heads.dense(heads.norm(hs[-1][:, 1:]))
+        loss = dense_loss(z, col, shp, cen, isc)
+        for head, layer in zip(heads.aux, (A1_LAYERS // 4, A1_LAYERS // 2)):
+            loss = loss + 0.3 * dense_loss(head(hs[layer][:, 1:]), col, shp, None)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if pin:
+            pin_positions(tower)
+        meter.add(step, steps, loss=loss.item(), **_acc(z, col, shp, isc))
+
     # A1: the first A1_LAYERS layers on WIN x WIN windows, centred on an object's centre patch or random
     meter = Meter("A1", 100)
     for step in range(args.steps_a1):
@@ -473,18 +489,7 @@ def stage_a(tower, args, rng: random.Random):
                 wins.append((pixels(t["img"][y0 * 14 : (y0 + WIN) * 14, x0 * 14 : (x0 + WIN) * 14]), ids, t["colour"][ids], t["shape"][ids], t["centre"][ids], ids == c))
         pix, ids, col, shp, cen, isc = (torch.from_numpy(np.stack(z)) for z in zip(*wins[: args.batch_a1]))
         isc = isc & (shp > 0)
-        hs = tower_forward(tower, pix, ids, A1_LAYERS)
-        z = heads.dense(heads.norm(hs[-1][:, 1:]))
-        loss = dense_loss(z, col, shp, cen, isc)
-        for head, layer in zip(heads.aux, (A1_LAYERS // 4, A1_LAYERS // 2)):
-            loss = loss + 0.3 * dense_loss(head(hs[layer][:, 1:]), col, shp, None)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        if pin:
-            pin_positions(tower)
-        meter.add(step, args.steps_a1, loss=loss.item(), **_acc(z, col, shp, isc))
+        local_step(pix, ids, col, shp, cen, isc, step, args.steps_a1)
 
     # A1b (optional): the same layers on whole images. Window-trained features lose most of their
     # shape accuracy there (0.97 -> 0.49 with pinned positions): a 5x5 window never shows the layers
@@ -499,18 +504,7 @@ def stage_a(tower, args, rng: random.Random):
         col, shp, cen = (torch.from_numpy(np.stack([t[k] for t in batch])) for k in ("colour", "shape", "centre"))
         isc = (cen > 0) & (shp > 0)
         ids = torch.arange(N_PATCH)[None].expand(len(batch), -1)
-        hs = tower_forward(tower, pix, ids, A1_LAYERS)
-        z = heads.dense(heads.norm(hs[-1][:, 1:]))
-        loss = dense_loss(z, col, shp, cen, isc)
-        for head, layer in zip(heads.aux, (A1_LAYERS // 4, A1_LAYERS // 2)):
-            loss = loss + 0.3 * dense_loss(head(hs[layer][:, 1:]), col, shp, None)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        if pin:
-            pin_positions(tower)
-        meter.add(step, args.steps_a1b, loss=loss.item(), **_acc(z, col, shp, isc))
+        local_step(pix, ids, col, shp, cen, isc, step, args.steps_a1b)
 
     # A2 (crops) and A3 (full images): all layers; dense targets on hidden state -2 (what LLaVA reads),
     # image-level targets on the CLS of layers CLS_LAYERS and the pooled output of the last layer
