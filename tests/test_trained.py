@@ -17,7 +17,7 @@ ANSWERS = {"colour": set(S.COLOURS), "presence": {"yes", "no"}, "count": {str(i)
 # The bar shipped weights must clear on a fixed sample of the test split (docs/TRAINED.md: the target is
 # 85 % overall on the full split; the answer prior is about 35 %).
 MIN_SHIPPED_ACC = 0.80
-SMOKE = ["--seed", "0", "--threads", "1", "--scenes-a", "6", "--val-a", "3", "--steps-a1", "2", "--batch-a1", "8", "--steps-a2", "2", "--batch-a2", "2", "--steps-a3", "1", "--batch-a3", "2", "--steps-b", "2", "--batch-b", "2", "--cache-b", "4", "--val-b", "2", "--eval-every", "2"]
+SMOKE = ["--seed", "0", "--threads", "1", "--scenes-a", "6", "--val-a", "3", "--steps-a1", "2", "--batch-a1", "2", "--steps-a2", "2", "--batch-a2", "2", "--steps-b", "2", "--batch-b", "2", "--cache-b", "4", "--val-b", "2", "--eval-every", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -130,61 +130,87 @@ def _tower():
     return tower
 
 
-def test_stage_a_forward_on_patch_subsets_equals_the_hf_forward():
-    """Stage A trains on windows and crops through `tower_forward`; on the whole grid it must be the
-    HF forward (after some training-like perturbation, so the zero residual branches are not trivial)."""
-    tower = _tower()
+def _trained_like(tower):
+    """Perturb every weight stage A trains (not the neighbour heads' fixed queries and keys), then pin
+    the position channels as stage A does after each step: residual branches are no longer zero."""
+    fixed = train.local_parameters(tower)
     with torch.no_grad():
         for p in tower.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-        pix = torch.randn(2, 3, 336, 336)
+            if id(p) not in fixed:
+                p.add_(0.05 * torch.randn_like(p))
+    train.pin_positions(tower)
+    return tower
+
+
+def _scene_pixels(n):
+    import numpy as np
+
+    return torch.from_numpy(np.stack([train.pixels(s.render()) for s in S.scenes("val", n, "llava15")]))
+
+
+def test_local_forward_equals_the_hf_forward():
+    """Stage A trains through `local_forward` (each neighbour-layer query's softmax over a few
+    candidate keys); on real scenes it must be the HF forward, at every hidden state."""
+    tower = _trained_like(_tower())
+    pix = _scene_pixels(3)
+    with torch.no_grad():
         ref = tower(pixel_values=pix, output_hidden_states=True).hidden_states
-        mine = train.tower_forward(tower, pix, torch.arange(576)[None].expand(2, -1))
-        assert len(mine) == len(ref) == 25
-        for r, m in zip(ref, mine):
-            torch.testing.assert_close(m, r, rtol=1e-5, atol=1e-5)
-        # a crop is the same computation as a whole image whose other patches are absent
-        ids = torch.tensor([y * 24 + x for y in range(3, 8) for x in range(10, 15)])
-        crop = train.tower_forward(tower, pix[:, :, 42:112, 140:210], ids[None].expand(2, -1), 2)
-        emb = tower.embeddings.patch_embedding(pix).flatten(2).transpose(1, 2)[:, ids]
-        torch.testing.assert_close(crop[0][:, 1:], tower.pre_layrnorm(torch.cat([tower.embeddings.class_embedding.expand(2, 1, -1), emb + tower.embeddings.position_embedding(ids + 1)], 1))[:, 1:])
+        mine = train.local_forward(tower, pix)
+    assert len(mine) == len(ref) == 25
+    # per token, relative to its norm. Through the neighbour layers (what local_forward changes) the
+    # two agree to float precision; the 16 random-weight layers above amplify float rounding
+    for i, (r, m) in enumerate(zip(ref, mine)):
+        assert ((m - r).norm(dim=-1) / r.norm(dim=-1)).max() < (1e-5 if i <= train.LOCAL_LAYERS else 1e-2), i
+    # and it is a restriction that matters: with the candidates moved one patch over it is not
+    cand = [(torch.where(c > 0, (c % 576) + 1, c), rows) for c, rows in train.local_candidates(tower)]
+    with torch.no_grad():
+        wrong = train.local_forward(tower, pix, 8, cand)
+    assert ((wrong[-1] - ref[8]).norm(dim=-1) / ref[8].norm(dim=-1)).max() > 1e-2
 
 
-def test_stage_a_initialisation_is_identity_with_neighbour_heads():
+def test_stage_a_initialisation_is_identity_with_exactly_local_heads():
     """Zero residual branches (the 24 layers start as the identity) and, in the first LOCAL_LAYERS
-    layers, heads whose CLS-free attention at initialisation sits on the intended neighbour."""
+    layers, heads whose attention sits on the intended neighbour (> 0.99 of the mass), also once
+    the weights stage A trains have moved."""
     tower = _tower()
-    pix = torch.randn(1, 3, 336, 336)
+    pix = _scene_pixels(1)
     with torch.no_grad():
         hs = tower(pixel_values=pix, output_hidden_states=True).hidden_states
         for h in hs[1:]:
             torch.testing.assert_close(h, hs[0])
-        layer = tower.encoder.layers[0]
-        x = layer.layer_norm1(hs[0])
-        q = layer.self_attn.q_proj(x).view(1, 577, 4, -1).transpose(1, 2)
-        k = layer.self_attn.k_proj(x).view(1, 577, 4, -1).transpose(1, 2)
-        att = ((q @ k.transpose(-1, -2)) * layer.self_attn.scale).softmax(-1)[0]
-    for h, (oy, ox) in enumerate(train.OFFSETS[0]):
-        target = [att[h, 1 + y * 24 + x, 1 + (y + oy) * 24 + x + ox].item() for y in range(2, 22) for x in range(2, 22)]
-        assert sum(target) / len(target) > 0.5, (h, oy, ox)
-        assert att[h, 1:, 1:].argmax(-1).reshape(24, 24)[12, 12].item() == (12 + oy) * 24 + 12 + ox
+        _trained_like(tower)
+        hs = tower(pixel_values=pix, output_hidden_states=True).hidden_states
+    for i in (0, 1, train.LOCAL_LAYERS - 1):
+        layer = tower.encoder.layers[i]
+        with torch.no_grad():
+            x = layer.layer_norm1(hs[i])
+            q = layer.self_attn.q_proj(x).view(1, 577, 4, -1).transpose(1, 2)
+            k = layer.self_attn.k_proj(x).view(1, 577, 4, -1).transpose(1, 2)
+            att = ((q @ k.transpose(-1, -2)) * layer.self_attn.scale).softmax(-1)[0]
+        for h, (oy, ox) in enumerate(train.OFFSETS[i % 2]):
+            target = torch.tensor([att[h, 1 + y * 24 + x, 1 + (y + oy) * 24 + x + ox].item() for y in range(1, 23) for x in range(1, 23)])
+            assert target.min() > 0.99, (i, h, target.min())
 
 
 def test_stage_a_keeps_the_position_channels_exact(recipe):
     """After stage A (pin_positions), the last NPOS channels of every hidden state the tower produces
-    are the position code as pre_layrnorm left it: no layer wrote patch content into them, so the
-    neighbour heads stay local on whole images."""
+    are the position code as pre_layrnorm left it: no layer wrote patch content into them, and the
+    neighbour heads' queries and keys are the initialisation's, so the heads stay local."""
     model, _ = trained.load("llava15", directory=recipe / "llava15")
     tower = model.model.vision_tower
     d, n = tower.config.hidden_size, train.NPOS
-    torch.testing.assert_close(tower.embeddings.position_embedding.weight[1:, d - n :], train.position_code(), rtol=0, atol=0)
+    torch.testing.assert_close(tower.embeddings.position_embedding.weight[1:, d - n :], train.P_EMB * train.position_code(), rtol=0, atol=0)
     assert tower.embeddings.patch_embedding.weight[d - n :].abs().max() == 0
+    fresh = _tower()
+    for i in range(train.LOCAL_LAYERS):
+        for name in ("q_proj", "k_proj"):
+            torch.testing.assert_close(getattr(tower.encoder.layers[i].self_attn, name).weight, getattr(fresh.encoder.layers[i].self_attn, name).weight, rtol=0, atol=0)
     with torch.no_grad():
         hs = tower(pixel_values=torch.randn(2, 3, 336, 336), output_hidden_states=True).hidden_states
     # the training steps did move the residual branches, so this is not the identity initialisation
     assert (hs[-2][..., : d - n] - hs[0][..., : d - n]).abs().max() > 1e-3
     for h in hs[1:]:
-        torch.testing.assert_close(h[..., d - n :], hs[0][..., d - n :], rtol=0, atol=1e-6)
+        torch.testing.assert_close(h[..., d - n :], hs[0][..., d - n :], rtol=0, atol=1e-5)
 
 
 def test_stage_b_curriculum_keeps_every_object_patch():
@@ -327,6 +353,15 @@ def test_stage_b_value_paths_copy_a_subspace():
     v1 = model.model.language_model.layers[1].self_attn.v_proj.weight
     hop = v1[:hd] @ model.model.language_model.layers[0].self_attn.o_proj.weight[:, :hd]
     assert torch.trace(hop).abs().item() < hd / 4
+    # aligned: KV head 0 copies align_projector's channels 0-15 (colour, shape, centre), the last KV
+    # head the position code (the last NPOS channels), into the same channels
+    train.init_value_paths(model, 1.0, aligned=True)
+    at = model.model.language_model.layers[0].self_attn
+    x = torch.randn(64)
+    for kv, chans in ((0, slice(0, 16)), (1, slice(64 - train.NPOS, 64))):
+        out = sum(at.o_proj.weight[:, h * hd : (h + 1) * hd] @ (at.v_proj.weight[kv * hd : (kv + 1) * hd] @ x) for h in (2 * kv, 2 * kv + 1))
+        torch.testing.assert_close(out[chans], x[chans], atol=1e-6, rtol=0)
+        assert out.abs().sum() - out[chans].abs().sum() < 1e-6
 
 
 def test_stage_b_object_curriculum_hides_the_other_objects():
@@ -354,3 +389,38 @@ def test_stage_b_projector_starts_as_a_standardisation():
     torch.testing.assert_close(z.mean(0), torch.zeros(64), atol=1e-3, rtol=0)
     torch.testing.assert_close(z.std(0), torch.ones(64), atol=1e-3, rtol=0)
     torch.testing.assert_close(out, torch.nn.functional.gelu(z[:576]), atol=1e-5, rtol=0)
+
+
+def test_align_projector_reads_the_patch_labels_and_keeps_the_position():
+    """align_projector fits the projector's first outputs to the patches' colour / shape labels and
+    passes the position channels through: on features that carry the labels (mixed into 48 channels,
+    plus noise) and the residual stream's position code, the projected tokens name each object
+    patch's colour and shape and carry the code in their last NPOS channels."""
+    import numpy as np
+
+    tok, model = _tiny_lm(2)
+    sc = S.scenes("train", 12, "llava15", seed=3)
+    g = torch.Generator().manual_seed(0)
+    mix = torch.randn(13, 48, generator=g)
+
+    def feats(scenes):
+        out = []
+        for s in scenes:
+            t = train.scene_targets(s)
+            onehot = torch.zeros(576, 13)
+            onehot[torch.arange(576), torch.from_numpy(t["colour"])] = 1
+            onehot[torch.arange(576), 7 + torch.from_numpy(t["shape"])] = 1
+            f = torch.cat([onehot @ mix + 0.1 * torch.randn(576, 48, generator=g), train.P_RES * train.position_code()], 1)
+            out.append(f[None])
+        return out
+
+    acc = train.align_projector(model, feats(sc[:8]), sc[:8], val=(feats(sc[8:]), sc[8:]))
+    assert acc["patch_colour"] > 0.95 and acc["patch_shape"] > 0.95, acc
+    t = train.scene_targets(sc[9])
+    with torch.no_grad():
+        out = model.model.multi_modal_projector(feats([sc[9]])[0][0])
+    obj = t["shape"] > 0
+    assert (out[:, :7].argmax(-1).numpy() == t["colour"])[obj].mean() > 0.95
+    assert (out[:, 7:13].argmax(-1).numpy() == t["shape"])[obj].mean() > 0.95
+    torch.testing.assert_close(out[:, -train.NPOS :], train.position_code(), atol=0.05, rtol=0)
+    assert np.abs(out[:, 14:-train.NPOS].numpy()).max() == 0

@@ -1,8 +1,8 @@
 """Small trained LLaVA-architecture models for judging pruning offline (`vtprune.scenes` data).
 
-**Status: no weights ship yet.** The recipe in `python -m vtprune.trained.train` runs end to end in
-under an hour on a 2-core CPU, but its first run stayed at the answer-prior level (docs/TRAINED.md:
-36 % on the LLaVA-1.5 test questions, the same as with a blank image), so those weights were not
+**Status: no weights ship yet.** The recipe in `python -m vtprune.trained.train` runs end to end on
+a 2-core CPU; its vision tower now reads colour and shape per patch on whole images (docs/TRAINED.md,
+fifth attempt), but its LLM stage still answers at the answer-prior level, so no weights are
 shipped: `available()` is False in a fresh install, and every consumer (`vtprune compare`, the
 demo, the notebooks, the lmms-eval plugin's offline model) falls back to the random-weight tiny
 model. Once weights that pass docs/TRAINED.md's bar are written into `path(variant)`, they become
@@ -14,7 +14,7 @@ Two variants:
 - ``"llava_next"``: `LlavaNextForConditionalGeneration` (AnyRes: base image + two 336 crops for the
   672 x 336 and 336 x 672 scenes it is trained on), sharing the LLaVA-1.5 model's vision tower.
 
-Both have a CLIP-shaped vision tower (24 layers, patch 14, 336 px, width 32, 4 heads) whose CLS token
+Both have a CLIP-shaped vision tower (24 layers, patch 14, 336 px, width 64, 4 heads) whose CLS token
 is trained with an image-level objective, and a 16-layer Llama over a word-level vocabulary, so every
 method's default layer indices apply.
 

@@ -9,11 +9,11 @@ Stage A (llava15 only) trains the CLIP-shaped tower (24 layers, patch 14, 336 px
 on rendered scenes: dense per-patch targets (colour, shape, object centre) on the feature layer LLaVA
 reads (hidden state -2) and an image-level objective on the CLS token (multi-label colour x shape
 presence and per-shape counts, read from the post-layernorm CLS of the last layer, as CLIP's pooled
-output, and from the CLS of layers 20-22). Position channels, neighbour-looking heads in layers 0-5
-and zero residual branches at initialisation, and a window -> crop -> full-image curriculum make a
-ViT learn shapes in CPU minutes (see the comment above `position_code`). A quarter of the images are
-LLaVA-NeXT scenes squashed to 336x336 (what the NeXT base image looks like), so the same tower serves
-both variants.
+output, and from the CLS of layers 20-22). Its first 8 layers are exactly local (a large position
+code in 16 channels, fixed neighbour-looking queries and keys), so they train like a small CNN, on
+whole images, through `local_forward` (the HF forward restricted to each query's few candidate keys;
+see the comment above `position_code`). A quarter of the images are LLaVA-NeXT scenes squashed to
+336x336 (what the NeXT base image looks like), so the same tower serves both variants.
 
 Stage B freezes the tower, caches its layer -2 patch features for a fixed set of training scenes,
 and trains the projector and a small Llama (16 layers, width 64, RoPE theta 1e6, word-level
@@ -21,7 +21,8 @@ tokenizer built from `vtprune.scenes.corpus()`) LLaVA-style: multi-turn conversa
 image, loss on the answer tokens (and the end-of-turn token), plus supervised attention
 (`attention_loss`: in decoder layer 0 the question's shape and colour words attend to the patches of
 the objects they name, in layer 1 the answer position attends to those words; targets from the
-scene labels), a value/output initialisation of those two layers (`init_value_paths`) and auxiliary
+scene labels), a value/output initialisation of those two layers (`init_value_paths`), a projector
+fitted to the patch labels first (`align_projector`, LLaVA's stage-1 alignment) and auxiliary
 answer targets; optional: a look-up initialisation (`init_lookup`), a background-token and an object
 curriculum. The NeXT variant starts
 from the LLaVA-1.5 model's projector and LLM and fine-tunes them on AnyRes features (base + two 336
@@ -192,48 +193,76 @@ def pixels(img) -> np.ndarray:
 # --- stage A: the tower ------------------------------------------------------------------------
 #
 # A ViT trained from scratch learns colour at once but shape only after far more images than a
-# 2-core CPU can show it in minutes (the first recipe: shape at chance after 2,640 images). Three
-# things make it learn shapes in minutes here, none of which changes the architecture:
+# 2-core CPU can show it in minutes. A small CNN (a 14/14 patch convolution, then four blocks of
+# 3x3 convolution + MLP on the 24x24 grid, width 64) learns per-patch shape on whole scenes to 0.99 in
+# 1,500 steps of 8 images (5 minutes). The same blocks built from the tower's own layers, with each
+# head copying exactly one neighbour, learn as fast; with soft attention heads that start local but
+# can spread over 577 tokens, they stay near chance for 500 steps (docs/TRAINED.md, "Fifth attempt").
+# So the tower's first `LOCAL_LAYERS` layers are made *exactly local*, with the standard
+# `CLIPVisionModel` architecture and every layer's weights ordinary:
 #   * position in its own 16 channels (2-D sin-cos at 4 frequencies, one of them coarse), content in
-#     the other channels;
-#   * the first `LOCAL_LAYERS` layers start as "convolutions": each head's query is the rotated
-#     position code of one neighbour (left / right / up / down, then the diagonals), its key the
-#     position code itself, so at initialisation head h of layer 0 looks at the patch next to it;
-#   * every residual branch starts at zero (attention out_proj, MLP fc2), so the 24-layer tower
-#     starts as the identity and trains like a shallow one;
-# and a curriculum: A1 trains the first `A1_LAYERS` layers on 5x5-patch windows around objects
-# (26 tokens: hundreds of windows per second), A2 all 24 layers on 12x12-patch crops with the
-# image-level objective on the CLS token, A3 all layers on full 336 px images.
-# All weights stay trainable throughout; the initialisation is only a starting point.
+#     the other channels; the code is large (P_EMB in the position embedding, P_RES in the residual
+#     stream), so it dominates every token's LayerNorm statistics and what a LayerNorm makes of it
+#     hardly depends on the patch's content;
+#   * in layers 0-7 each head's query is the position code rotated to one neighbour (left / right /
+#     up / down, then the diagonals), its key the code: its attention sits on that neighbour (> 0.99;
+#     the other keys are at least LOCAL_MARGIN logits below). These queries and keys stay fixed, so
+#     the layers are 3x3 "convolutions" (rank 16 per tap) followed by an MLP;
+#   * every residual branch starts at zero (`out_proj`, `fc2`), so the 24 layers start as the
+#     identity;
+#   * `pin_positions` keeps the code exact after every step.
+# Training then uses `local_forward`: in layers 0-7 each patch query's softmax runs over its few
+# candidate keys (the CLS and the keys within LOCAL_MARGIN of the best by position alone), which is
+# the HF forward up to the attention mass left outside (< 1e-5; measured by the stage A report and a
+# test) at a fraction of its cost. A1 trains layers 0-7 on whole images; A2 all 24 layers on whole
+# images, with the image-level objective on the CLS token.
 
 NPOS = 16  # position channels (the last NPOS of the hidden size)
-OMEGA = (math.pi / 24, 0.9, 2.3, 2.8)  # per axis: one coarse (monotone over the grid) + 3 fine frequencies
-LOCAL_LAYERS = 6
+OMEGA_Y = (math.pi / 24, 0.9, 2.3, 2.8)  # one coarse frequency (monotone over the grid) + fine ones
+OMEGA_X = (math.pi / 24, 0.9, 2.3)
+N_CODE = 2 * (len(OMEGA_Y) + len(OMEGA_X))  # 14 sin / cos channels; the last 2 make every row sum to 0
+POS_NORM2 = 36.0  # |code|^2 of every row (7 from the sin / cos pairs, 29 from the two balancing channels)
+LN_SCALE = math.sqrt(POS_NORM2 / 64)  # a LayerNorm's std over a token whose code (scaled by P) dominates: P x LN_SCALE
+P_EMB = 30.0  # scale of the position code in the position embedding
+P_RES = 200.0  # its scale in the residual stream (pre_layrnorm's weight on the position channels)
+CLS_AT = (-12, -12)  # the CLS token's position code: a point off the grid, so no neighbour head looks at it
+LOCAL_LAYERS = 8
 OFFSETS = (((0, -1), (0, 1), (-1, 0), (1, 0)), ((-1, -1), (-1, 1), (1, -1), (1, 1)))
-LOCAL_BETA = 8.0  # ~0.7 of a head's attention on its neighbour at initialisation
-A1_LAYERS = 8
-WIN = 5
+LOCAL_BETA = 96.0
+LOCAL_MARGIN = 30.0  # candidate keys of a local head: within this many logits of the best, by position alone
+LOCAL_K = 4  # at most this many candidates per query (plus the CLS)
+A1_LAYERS = LOCAL_LAYERS
 CLS_LAYERS = (20, 21, 22)  # encoder layers whose CLS output is also trained on the image-level target
 N_DENSE = 7 + 6 + 1  # colour (0 = none), shape (0 = none), object centre
 
 
-def position_code(grid: int = GRID) -> torch.Tensor:
-    """(grid*grid, NPOS): [sin y, cos y, sin x, cos x] at the OMEGA frequencies."""
-    w = torch.tensor(OMEGA)
-    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32), indexing="ij")
-    out = []
-    for c in (ys.flatten(), xs.flatten()):
-        out += [(c[:, None] * w).sin(), (c[:, None] * w).cos()]
-    return torch.cat(out, 1)
+def position_code(grid: int = GRID, at: tuple[int, int] | None = None) -> torch.Tensor:
+    """(grid*grid, NPOS): [sin y, cos y] at OMEGA_Y, [sin x, cos x] at OMEGA_X, then two channels
+    that make every row sum to zero at a constant norm (|row|^2 = POS_NORM2), so the code shifts no
+    LayerNorm mean and sets the same LayerNorm std at every position. With `at` = (y, x), the
+    (1, NPOS) code of that one point."""
+    if at is not None:
+        ys, xs = torch.tensor([float(at[0])]), torch.tensor([float(at[1])])
+    else:
+        ys, xs = (c.flatten() for c in torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32), indexing="ij"))
+    wy, wx = torch.tensor(OMEGA_Y), torch.tensor(OMEGA_X)
+    c = torch.cat([(ys[:, None] * wy).sin(), (ys[:, None] * wy).cos(), (xs[:, None] * wx).sin(), (xs[:, None] * wx).cos()], 1)
+    total, rest = c.sum(1), POS_NORM2 - N_CODE / 2  # a + b = -total, a^2 + b^2 = rest
+    root = (2 * rest - total**2).clamp_min(0).sqrt()
+    return torch.cat([c, ((-total + root) / 2)[:, None], ((-total - root) / 2)[:, None]], 1)
 
 
 def _shift(oy: int, ox: int) -> torch.Tensor:
-    """(NPOS, NPOS) rotation with code(p) -> code(p + (oy, ox)), so q . k peaks at the neighbour."""
+    """(NPOS, NPOS) map with code(p) -> code(p + (oy, ox)) on the sin / cos channels (zero on the
+    balancing ones), so q . k peaks at the neighbour."""
     m = torch.zeros(NPOS, NPOS)
-    for axis, o in ((0, oy), (1, ox)):
-        for f, w in enumerate(OMEGA):
-            si, ci, b = axis * 8 + f, axis * 8 + 4 + f, w * o
+    base = 0
+    for omega, o in ((OMEGA_Y, oy), (OMEGA_X, ox)):
+        n = len(omega)
+        for f, w in enumerate(omega):
+            si, ci, b = base + f, base + n + f, w * o
             m[si, si], m[si, ci], m[ci, si], m[ci, ci] = math.cos(b), math.sin(b), -math.sin(b), math.cos(b)
+        base += 2 * n
     return m
 
 
@@ -258,23 +287,28 @@ def init_patch_embedding(conv: nn.Conv2d) -> None:
 
 
 def init_tower(tower) -> None:
+    """The stage A initialisation: the position code in its channels, LayerNorm weights that give the
+    content channels back their scale (the large code sets every token's LayerNorm std), zero residual
+    branches, neighbour heads in layers 0..LOCAL_LAYERS-1."""
     d = tower.config.hidden_size
     hd = d // tower.config.num_attention_heads
     assert hd >= NPOS and tower.config.num_attention_heads == 4
     emb = tower.embeddings
     with torch.no_grad():
         init_patch_embedding(emb.patch_embedding)
-        emb.patch_embedding.weight[d - NPOS :] = 0
-        emb.class_embedding[d - NPOS :] = 0
-        pe = emb.position_embedding.weight
-        pe.zero_()
-        pe[1:, d - NPOS :] = position_code()
+        emb.position_embedding.weight.zero_()
+        # with the code dominating, a LayerNorm divides by about P x LN_SCALE: these weights undo that
+        tower.pre_layrnorm.weight[: d - NPOS] = P_EMB * LN_SCALE
         for i, layer in enumerate(tower.encoder.layers):
+            for ln in (layer.layer_norm1, layer.layer_norm2):
+                ln.weight[: d - NPOS] = P_RES * LN_SCALE
+                ln.weight[d - NPOS :] = 1.0
             for lin in (layer.self_attn.out_proj, layer.mlp.fc2):
                 lin.weight.zero_()
                 lin.bias.zero_()
             if i < LOCAL_LAYERS:
                 _local_heads(layer, i, d, hd)
+    pin_positions(tower)
 
 
 def _local_heads(layer, i: int, d: int, hd: int) -> None:
@@ -287,20 +321,22 @@ def _local_heads(layer, i: int, d: int, hd: int) -> None:
             lin.bias.zero_()
         for h, (oy, ox) in enumerate(OFFSETS[i % 2]):
             q.weight[h * hd : h * hd + NPOS, d - NPOS :] = LOCAL_BETA * _shift(oy, ox)
-            k.weight[h * hd : h * hd + NPOS, d - NPOS :] = torch.eye(NPOS)
+            k.weight[h * hd : h * hd + N_CODE, d - NPOS : d - NPOS + N_CODE] = torch.eye(N_CODE)
+
+
+def local_parameters(tower) -> set[int]:
+    """ids of the parameters stage A holds fixed: the neighbour heads' queries and keys."""
+    return {id(p) for layer in tower.encoder.layers[:LOCAL_LAYERS] for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj) for p in lin.parameters()}
 
 
 def pin_positions(tower) -> None:
-    """Keep the last NPOS channels of the tower's residual stream an exact position code: the patch
+    """Keep the last NPOS channels of the tower's residual stream the position code: the patch
     embedding, class embedding and every layer's residual writes (attention out_proj, MLP fc2) leave
-    them at zero, the position embedding holds `position_code()`, and pre_layrnorm passes them
-    through unscaled. Applied at initialisation and after every stage A step. Without it, training
-    writes patch content into these channels (rms 1.26 against a code of rms 0.7 after stage A's 3,440 steps)
-    and the neighbour heads go from local to uniform over the 576 patches: their 3x3 mass on full
-    images fell to 0.02-0.05, and the patches lost the context that tells a shape's edge patch from
-    another's (per-patch shape 0.97 on 5x5 windows, 0.38 on whole images; 0.49 with this). Pinning
-    the neighbour heads' queries and keys as well (position-only attention in layers 0-7) did not
-    help: 0.31 on whole images after the windows, 0.60 after 150 whole-image steps against 0.68."""
+    them at zero, the position embedding holds P_EMB x `position_code()` (the CLS: the code of CLS_AT), pre_layrnorm scales it to
+    P_RES, and the neighbour layers' first LayerNorm passes it through unchanged (their queries and
+    keys read only these channels). Applied at initialisation and after every stage A step. Without
+    it, training writes patch content into these channels (rms 1.26 against a code of rms 0.7 in the
+    fourth attempt) and the neighbour heads stop being local."""
     d = tower.config.hidden_size
     emb = tower.embeddings
     with torch.no_grad():
@@ -309,26 +345,90 @@ def pin_positions(tower) -> None:
             emb.patch_embedding.bias[d - NPOS :] = 0
         emb.class_embedding[d - NPOS :] = 0
         pe = emb.position_embedding.weight
-        pe[0, d - NPOS :] = 0
-        pe[1:, d - NPOS :] = position_code()
-        tower.pre_layrnorm.weight[d - NPOS :] = 1.0
+        pe[0, d - NPOS :] = P_EMB * position_code(at=CLS_AT)[0]
+        pe[1:, d - NPOS :] = P_EMB * position_code()
+        tower.pre_layrnorm.weight[d - NPOS :] = P_RES * LN_SCALE
         tower.pre_layrnorm.bias[d - NPOS :] = 0.0
-        for layer in tower.encoder.layers:
+        for i, layer in enumerate(tower.encoder.layers):
             for lin in (layer.self_attn.out_proj, layer.mlp.fc2):
                 lin.weight[d - NPOS :] = 0
                 lin.bias[d - NPOS :] = 0
+            if i < LOCAL_LAYERS:
+                layer.layer_norm1.weight[d - NPOS :] = 1.0
+                layer.layer_norm1.bias[d - NPOS :] = 0.0
 
 
-def tower_forward(tower, pix: torch.Tensor, ids: torch.Tensor, n_layers: int = 24) -> list[torch.Tensor]:
-    """Hidden states of the tower on patches `pix` (B, 3, h, w) whose grid indices are `ids` (B, n),
-    row-major; equals the HF forward's hidden_states when the patches are the whole image."""
+def local_candidates(tower, margin: float = LOCAL_MARGIN, k_max: int = LOCAL_K) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per neighbour layer: (heads, 576, k_max) key indices (1.. = patches; 0 = the CLS, also the
+    padding) whose attention logit, computed from the position code alone, is within `margin` of the
+    query's best; and the grid rows whose neighbour in some head lies outside the grid (border
+    patches: their attention has no clear target, so `local_forward` computes it over every key).
+    Everything outside the candidates gets under e^-margin of the mass as long as the code dominates
+    the LayerNorm statistics (the stage A report measures the difference to the HF forward)."""
+    d = tower.config.hidden_size
+    out = []
+    with torch.no_grad():
+        x = torch.zeros(N_PATCH, d)
+        x[:, d - NPOS :] = P_EMB * position_code()
+        x = tower.pre_layrnorm(x)
+        for i, layer in enumerate(tower.encoder.layers[:LOCAL_LAYERS]):
+            at = layer.self_attn
+            hd = at.head_dim
+            h = layer.layer_norm1(x)
+            q = at.q_proj(h).view(N_PATCH, -1, hd).transpose(0, 1)
+            k = at.k_proj(h).view(N_PATCH, -1, hd).transpose(0, 1)
+            logit = (q @ k.transpose(-1, -2)) * at.scale  # (H, 576, 576)
+            top = logit.topk(k_max, dim=-1)
+            keep = top.values >= top.values[..., :1] - margin
+            yy, xx = torch.arange(N_PATCH) // GRID, torch.arange(N_PATCH) % GRID
+            border = torch.zeros(N_PATCH, dtype=torch.bool)
+            for oy, ox in OFFSETS[i % 2]:
+                border |= (yy + oy < 0) | (yy + oy >= GRID) | (xx + ox < 0) | (xx + ox >= GRID)
+            out.append((torch.where(keep, top.indices + 1, torch.zeros_like(top.indices)), border.nonzero()[:, 0]))
+    return out
+
+
+def _local_attention(layer, h: torch.Tensor, cand: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """A neighbour layer's attention output on (B, 577, d) normalised input: the CLS and the border
+    patches' queries over every key, every other patch query over its candidate keys and the CLS
+    (softmax restricted to them)."""
+    at = layer.self_attn
+    cand, border = cand
+    b, n, _ = h.shape
+    heads, hd = cand.shape[0], at.head_dim
+    q = at.q_proj(h).view(b, n, heads, hd).transpose(1, 2) * at.scale
+    k = at.k_proj(h).view(b, n, heads, hd).transpose(1, 2)
+    v = at.v_proj(h).view(b, n, heads, hd).transpose(1, 2)
+    idx = torch.cat([torch.zeros_like(cand[..., :1]), cand], -1)  # the CLS first, then the candidates
+    hix = torch.arange(heads)[:, None, None]
+    kk, vv = k[:, hix, idx], v[:, hix, idx]  # (B, H, 576, K+1, hd)
+    logit = (q[:, :, 1:, None, :] * kk).sum(-1)
+    pad = torch.zeros(idx.shape, dtype=torch.bool)
+    pad[..., 1:] = cand == 0  # padding slots (index 0 again): masked so the CLS counts once
+    w = logit.masked_fill(pad, float("-inf")).softmax(-1)
+    o = (w[..., None] * vv).sum(-2)
+    rows = torch.cat([torch.zeros(1, dtype=torch.long), border + 1])  # the CLS and the border patches
+    full = (q[:, :, rows] @ k.transpose(-1, -2)).softmax(-1) @ v
+    o = torch.cat([full[:, :, :1], o], 2).index_copy(2, rows[1:], full[:, :, 1:])
+    return at.out_proj(o.transpose(1, 2).reshape(b, n, heads * hd))
+
+
+def local_forward(tower, pix: torch.Tensor, n_layers: int = 24, cand: list | None = None) -> list[torch.Tensor]:
+    """Hidden states of the tower on whole images (B, 3, 336, 336), as the HF forward computes them,
+    with the neighbour layers' attention restricted to `local_candidates` (the HF forward up to the
+    attention mass outside them); the layers above run unchanged."""
+    cand = cand if cand is not None else local_candidates(tower)
     emb = tower.embeddings
     p = emb.patch_embedding(pix).flatten(2).transpose(1, 2)
     cls = (emb.class_embedding + emb.position_embedding.weight[0]).expand(p.shape[0], 1, -1)
-    x = tower.pre_layrnorm(torch.cat([cls, p + emb.position_embedding(ids + 1)], 1))
+    x = tower.pre_layrnorm(torch.cat([cls, p + emb.position_embedding.weight[1:]], 1))
     hs = [x]
-    for layer in tower.encoder.layers[:n_layers]:
-        x = layer(x, None)
+    for i, layer in enumerate(tower.encoder.layers[:n_layers]):
+        if i < LOCAL_LAYERS:
+            x = x + _local_attention(layer, layer.layer_norm1(x), cand[i])
+            x = x + layer.mlp(layer.layer_norm2(x))
+        else:
+            x = layer(x, None)
         hs.append(x)
     return hs
 
@@ -391,6 +491,10 @@ class Heads(nn.Module):
         self.aux = nn.ModuleList(nn.Sequential(nn.LayerNorm(d), nn.Linear(d, N_DENSE)) for _ in range(2))
         self.cls = nn.Linear(d, n_img)  # on the tower's own post_layernorm(CLS of the last layer)
         self.cls_mid = nn.ModuleList(nn.Sequential(nn.LayerNorm(d), nn.Linear(d, n_img)) for _ in CLS_LAYERS)
+        with torch.no_grad():  # the position code sets every token's LayerNorm std; give the content its scale back
+            for m in self.modules():
+                if isinstance(m, nn.LayerNorm):
+                    m.weight[: d - NPOS] = P_RES * LN_SCALE
 
 
 _WBG_C = torch.tensor([0.3] + [1.0] * 6)
@@ -444,106 +548,75 @@ def _acc(z, colour, shape, centre_mask):
 
 
 def stage_a(tower, args, rng: random.Random):
-    d = tower.config.hidden_size
     init_tower(tower)
-    pin = getattr(args, "pin_positions", 0)
-    if pin:
-        pin_positions(tower)
-    heads = Heads(d)
+    heads = Heads(tower.config.hidden_size)
     pool = S.scenes("train", args.scenes_a * 3 // 4, "llava15", seed=args.seed) + S.scenes("train", args.scenes_a // 4, "llava_next", seed=args.seed)
     rng.shuffle(pool)
     t0 = time.time()
     data = [scene_targets(s) for s in pool]
     log(f"A rendered {len(data)} training scenes in {time.time() - t0:.0f}s")
-    params = list(tower.parameters()) + list(heads.parameters())
-    opt = torch.optim.AdamW(params, lr=args.lr_a, weight_decay=0.05, betas=(0.9, 0.98))
+    fixed = local_parameters(tower)
+    for p in tower.parameters():
+        p.requires_grad_(id(p) not in fixed)
+    cand = local_candidates(tower)
 
-    def local_step(pix, ids, col, shp, cen, isc, step, steps):
-        # one step of the first A1_LAYERS layers (A1 windows, A1b whole images): dense targets at
-        # layer A1_LAYERS, auxiliary ones at a quarter and half of it
-        hs = tower_forward(tower, pix, ids, A1_LAYERS)
+    def batch(bs):
+        ts = [data[rng.randrange(len(data))] for _ in range(bs)]
+        pix = torch.from_numpy(np.stack([pixels(t["img"]) for t in ts]))
+        col, shp, cen = (torch.from_numpy(np.stack([t[k] for t in ts])) for k in ("colour", "shape", "centre"))
+        img = [torch.from_numpy(np.stack(z)) for z in zip(*(crop_image_targets(t, 0, 0, GRID) for t in ts))]
+        return pix, col, shp, cen, (cen > 0) & (shp > 0), img
+
+    def step_(opt, params, loss):
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        pin_positions(tower)
+
+    # A1: the neighbour layers on whole images, dense targets at their output and auxiliary ones at a
+    # quarter and half of them (a CNN's training, with the tower's own layers)
+    params = [p for layer in tower.encoder.layers[:A1_LAYERS] for p in layer.parameters() if p.requires_grad]
+    params += [p for m in (tower.embeddings, tower.pre_layrnorm) for p in m.parameters()]
+    params += list(heads.norm.parameters()) + list(heads.dense.parameters()) + list(heads.aux.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr_a, weight_decay=0.05, betas=(0.9, 0.98))
+    meter = Meter("A1", 100)
+    for step in range(args.steps_a1):
+        for g in opt.param_groups:
+            g["lr"] = _lr(args.lr_a, step, args.steps_a1)
+        pix, col, shp, cen, isc, _ = batch(args.batch_a1)
+        hs = local_forward(tower, pix, A1_LAYERS, cand)
         z = heads.dense(heads.norm(hs[-1][:, 1:]))
         loss = dense_loss(z, col, shp, cen, isc)
         for head, layer in zip(heads.aux, (A1_LAYERS // 4, A1_LAYERS // 2)):
             loss = loss + 0.3 * dense_loss(head(hs[layer][:, 1:]), col, shp, None)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        if pin:
-            pin_positions(tower)
-        meter.add(step, steps, loss=loss.item(), **_acc(z, col, shp, isc))
+        step_(opt, params, loss)
+        meter.add(step, args.steps_a1, loss=loss.item(), **_acc(z, col, shp, isc))
 
-    # A1: the first A1_LAYERS layers on WIN x WIN windows, centred on an object's centre patch or random
-    meter = Meter("A1", 100)
-    for step in range(args.steps_a1):
+    # A2: all layers on whole images; dense targets on hidden state -2 (what LLaVA reads), image-level
+    # targets on the CLS of layers CLS_LAYERS and the pooled output of the last layer
+    params = [p for p in tower.parameters() if p.requires_grad] + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr_a2, weight_decay=0.05, betas=(0.9, 0.98))
+    meter = Meter("A2", 25)
+    for step in range(args.steps_a2):
         for g in opt.param_groups:
-            g["lr"] = _lr(args.lr_a, step, args.steps_a1 + args.steps_a2)
-        wins = []
-        while len(wins) < args.batch_a1:
-            t = data[rng.randrange(len(data))]
-            for c in t["centres"] + [rng.randrange(N_PATCH)]:
-                gy, gx = divmod(c, GRID)
-                y0, x0 = min(max(gy - WIN // 2, 0), GRID - WIN), min(max(gx - WIN // 2, 0), GRID - WIN)
-                ids = np.array([(y0 + y) * GRID + x0 + x for y in range(WIN) for x in range(WIN)])
-                wins.append((pixels(t["img"][y0 * 14 : (y0 + WIN) * 14, x0 * 14 : (x0 + WIN) * 14]), ids, t["colour"][ids], t["shape"][ids], t["centre"][ids], ids == c))
-        pix, ids, col, shp, cen, isc = (torch.from_numpy(np.stack(z)) for z in zip(*wins[: args.batch_a1]))
-        isc = isc & (shp > 0)
-        local_step(pix, ids, col, shp, cen, isc, step, args.steps_a1)
-
-    # A1b (optional): the same layers on whole images. Window-trained features lose most of their
-    # shape accuracy there (0.97 -> 0.49 with pinned positions): a 5x5 window never shows the layers
-    # what lies beyond +-2 patches. This step trains them in the context the tower sees at inference;
-    # it recovers to ~0.7 and flattens (docs/TRAINED.md, "Fourth attempt").
-    meter = Meter("A1b", 50)
-    for step in range(args.steps_a1b):
-        for g in opt.param_groups:
-            g["lr"] = _lr(args.lr_a_1b, step, args.steps_a1b, warm=10)
-        batch = [data[rng.randrange(len(data))] for _ in range(args.batch_a1b)]
-        pix = torch.from_numpy(np.stack([pixels(t["img"]) for t in batch]))
-        col, shp, cen = (torch.from_numpy(np.stack([t[k] for t in batch])) for k in ("colour", "shape", "centre"))
-        isc = (cen > 0) & (shp > 0)
-        ids = torch.arange(N_PATCH)[None].expand(len(batch), -1)
-        local_step(pix, ids, col, shp, cen, isc, step, args.steps_a1b)
-
-    # A2 (crops) and A3 (full images): all layers; dense targets on hidden state -2 (what LLaVA reads),
-    # image-level targets on the CLS of layers CLS_LAYERS and the pooled output of the last layer
-    def full_step(step, steps, n, bs, meter, lr):
-        for g in opt.param_groups:
-            g["lr"] = lr
-        y0, x0 = rng.randint(0, GRID - n), rng.randint(0, GRID - n)
-        ids1 = np.array([(y0 + y) * GRID + x0 + x for y in range(n) for x in range(n)])
-        batch = [data[rng.randrange(len(data))] for _ in range(bs)]
-        pix = torch.from_numpy(np.stack([pixels(t["img"][y0 * 14 : (y0 + n) * 14, x0 * 14 : (x0 + n) * 14]) for t in batch]))
-        col, shp, cen = (torch.from_numpy(np.stack([t[k][ids1] for t in batch])) for k in ("colour", "shape", "centre"))
-        img = [torch.from_numpy(np.stack(z)) for z in zip(*(crop_image_targets(t, y0, x0, n) for t in batch))]
-        isc = (cen > 0) & (shp > 0)
-        hs = tower_forward(tower, pix, torch.from_numpy(ids1)[None].expand(bs, -1))
+            g["lr"] = _lr(args.lr_a2, step, args.steps_a2, warm=10)
+        pix, col, shp, cen, isc, img = batch(args.batch_a2)
+        hs = local_forward(tower, pix, cand=cand)
         z = heads.dense(heads.norm(hs[-2][:, 1:]))
         loss = dense_loss(z, col, shp, cen, isc)
-        loss = loss + 0.3 * dense_loss(heads.aux[1](hs[A1_LAYERS][:, 1:]), col, shp, None)
         zc = heads.cls(tower.post_layernorm(hs[-1][:, 0]))
         loss = loss + image_loss(zc, *img)
         for head, layer in zip(heads.cls_mid, CLS_LAYERS):
             loss = loss + 0.5 * image_loss(head(hs[layer + 1][:, 0]), *img)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        if pin:
-            pin_positions(tower)
+        step_(opt, params, loss)
         with torch.no_grad():
             pres, pmask = img[0], img[1]
             hit = ((zc[:, : len(PAIRS)] > 0).float() == pres) & (pmask > 0)
             rec = hit[pres > 0].float().mean().item() if (pres > 0).any() else float("nan")
-        meter.add(step, steps, loss=loss.item(), cls_recall=rec, **_acc(z, col, shp, isc))
-
-    meter = Meter("A2", 25)
-    for step in range(args.steps_a2):
-        full_step(step, args.steps_a2, 12, args.batch_a2, meter, _lr(args.lr_a, args.steps_a1 + step, args.steps_a1 + args.steps_a2))
-    meter = Meter("A3", 10)
-    for step in range(args.steps_a3):
-        full_step(step, args.steps_a3, GRID, args.batch_a3, meter, _lr(0.3 * args.lr_a, step, args.steps_a3, warm=5))
+        meter.add(step, args.steps_a2, loss=loss.item(), cls_recall=rec, **_acc(z, col, shp, isc))
+    for p in tower.parameters():
+        p.requires_grad_(True)
     tower_report(tower, heads, [scene_targets(s) for s in S.scenes("val", args.val_a, "llava15", seed=args.seed)])
     return tower
 
@@ -566,6 +639,9 @@ def tower_report(tower, heads, val) -> dict:
     with torch.no_grad():
         pix = torch.from_numpy(np.stack([pixels(t["img"]) for t in val]))
         hs = tower(pixel_values=pix, output_hidden_states=True).hidden_states
+        mine = local_forward(tower, pix)
+        # how far the training forward is from the HF forward (relative, hidden state -2)
+        res["local_forward_error"] = ((mine[-2] - hs[-2]).norm(dim=-1) / hs[-2].norm(dim=-1)).max().item()
         col, shp, cen = (torch.from_numpy(np.stack([t[k] for t in val])) for k in ("colour", "shape", "centre"))
         z = heads.dense(heads.norm(hs[-2][:, 1:]))
         res.update(_acc(z, col, shp, (cen > 0) & (shp > 0)))
@@ -1032,10 +1108,62 @@ def init_projector(model, feats) -> None:
         proj.linear_2.bias.zero_()
 
 
+
+
+def align_projector(model, feats, scene_list, steps: int = 300, val=None) -> dict:
+    """LLaVA's stage-1 alignment, with the scenes' labels instead of captions: fit a linear read-out of
+    the cached layer -2 features to each patch's colour, shape and object-centre labels (the stage A
+    targets), and start the projector as that read-out: outputs 0-6 the colour, 7-12 the shape
+    (GELU of logits scaled so a confident class is about 1), 13 the centre, 48-63 the position code
+    (features' position channels / P_RES, passed through GELU's near-linear range), the rest zero. The
+    LLM then starts from tokens that say what they show, in the layout of the oracle features its
+    recipe was checked on (docs/TRAINED.md, third attempt). Returns the read-out's accuracy on `val`
+    ((feats, scenes), optional) or on the fitting scenes."""
+    d_in = feats[0].shape[-1]
+    proj = model.model.multi_modal_projector
+    d_out = proj.linear_1.weight.shape[0]
+
+    def data(fs, scs):
+        x = torch.cat([f.reshape(-1, d_in) for f in fs])
+        ts = [scene_targets(sc) for sc in scs]
+        col, shp, cen = (torch.from_numpy(np.concatenate([t[k] for t in ts])) for k in ("colour", "shape", "centre"))
+        return x, col, shp, cen
+
+    x, col, shp, cen = data(feats, scene_list)
+    mu, sd = x.mean(0), x.std(0).clamp_min(1e-3)
+    lin = nn.Linear(d_in, N_DENSE)
+    opt = torch.optim.Adam(lin.parameters(), lr=1e-2)
+    for _ in range(steps):
+        loss = dense_loss(lin((x - mu) / sd), col, shp, cen, (cen > 0) & (shp > 0))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        if val is not None:
+            x, col, shp, cen = data(*val)
+        z = lin((x - mu) / sd)
+        acc = _acc(z, col, shp, (cen > 0) & (shp > 0))
+        top = torch.cat([z[:, :7].max(-1).values, z[:, 7:13].max(-1).values]).median().clamp_min(1e-3)
+        w = lin.weight / sd / top
+        b = (lin.bias - lin.weight @ (mu / sd)) / top
+        proj.linear_1.weight.zero_()
+        proj.linear_1.bias.zero_()
+        proj.linear_1.weight[:N_DENSE, :] = w
+        proj.linear_1.bias[:N_DENSE] = b
+        eye = torch.eye(NPOS) / P_RES
+        proj.linear_1.weight[d_out - NPOS :, d_in - NPOS :] = eye
+        proj.linear_1.bias[d_out - NPOS :] = 8.0  # GELU(x + 8) - 8 ~ x on the code's range (about -5.5..5.5)
+        proj.linear_2.weight.copy_(torch.eye(proj.linear_2.weight.shape[0], d_out))
+        proj.linear_2.bias.zero_()
+        proj.linear_2.bias[d_out - NPOS :] = -8.0
+    log("B projector aligned; read-out on " + ("validation" if val is not None else "fitting") + " patches " + json.dumps({k: round(v, 3) for k, v in acc.items()}))
+    return acc
+
+
 VO_LAYERS = 2  # the decoder layers attention_loss supervises
 
 
-def init_value_paths(model, scale: float = 1.0, n_layers: int = VO_LAYERS, same_slices: bool = True) -> None:
+def init_value_paths(model, scale: float = 1.0, n_layers: int = VO_LAYERS, same_slices: bool = True, aligned: bool = False) -> None:
     """Decoder layers 0..n_layers-1 (the supervised hops): each KV head's value rows an orthonormal
     16-dim slice of the residual and every query head's output the transpose (scaled by
     scale / heads per KV head), so a head copies what it attends to into the residual from the
@@ -1053,7 +1181,15 @@ def init_value_paths(model, scale: float = 1.0, n_layers: int = VO_LAYERS, same_
             d_model = at.o_proj.weight.shape[0]
             n_kv = at.v_proj.weight.shape[0] // hd
             n_q = at.o_proj.weight.shape[1] // hd
-            if Q is None or not same_slices:
+            if aligned:
+                # KV head 0: channels 0-15 (align_projector's colour / shape / centre), the last KV
+                # head: the last 16 (the position code); others: the slices in between
+                Q = torch.eye(d_model)
+                order = list(range(n_kv))
+                if n_kv > 1:
+                    order = [0] + list(range(1, n_kv - 1)) + [d_model // hd - 1]
+                Q = torch.cat([Q[:, o * hd : (o + 1) * hd] for o in order] + [Q[:, : d_model - n_kv * hd]], 1)
+            elif Q is None or not same_slices:
                 Q = torch.linalg.qr(torch.randn(d_model, d_model, generator=g))[0]
             for kv in range(n_kv):
                 at.v_proj.weight[kv * hd : (kv + 1) * hd] = Q[:, kv * hd : (kv + 1) * hd].T
@@ -1090,13 +1226,16 @@ def stage_b(model, tok, proc, args, rng: random.Random, next_: bool):
                 if not (vo and j < VO_LAYERS):
                     layer.self_attn.o_proj.weight.zero_()
                 layer.mlp.down_proj.weight.zero_()
-    if getattr(args, "proj_init", 0) and not next_:
+    proj_init = getattr(args, "proj_init", 0)
+    if proj_init == 1 and not next_:
         init_projector(model, feats[:200])
+    elif proj_init == 2 and not next_:
+        align_projector(model, feats[: args.align_scenes], train_sc[: args.align_scenes], val=(vfeats, val_sc))
     if args.lookup_init and not next_:
         init_lookup(model, tok, feats[: args.lookup_scenes], train_sc[: args.lookup_scenes])
         log("B look-up initialisation done")
     if vo:
-        init_value_paths(model, vo)
+        init_value_paths(model, vo, aligned=getattr(args, "vo_aligned", 0) and proj_init == 2)
     log(f"B cached {len(feats)} train + {len(vfeats)} val images in {time.time() - t0:.0f}s")
     params = [p for n, p in model.named_parameters() if not n.startswith("model.vision_tower")]
     # the decoder layers above the supervised hops can start later and at a lower rate: AdamW moves
@@ -1112,6 +1251,15 @@ def stage_b(model, tok, proc, args, rng: random.Random, next_: bool):
         betas=(0.9, 0.98),
     )
 
+    stream = None
+    if getattr(args, "stream_b", 0) and not next_:
+
+        def _fresh(start):  # the training scenes after the cached ones, in chunks
+            while True:
+                yield from S.scenes("train", 256, variant, seed=args.seed + 1, start=start)
+                start += 256
+
+        stream = _fresh(len(train_sc))
     seqb = Seq(tok, aux=args.aux_b)
     model.train()
     steps, bs = args.steps_b, args.batch_b
@@ -1122,11 +1270,26 @@ def stage_b(model, tok, proc, args, rng: random.Random, next_: bool):
         lr = args.lr_b * min(1.0, (step + 1) / 20) * (0.5 * (1 + math.cos(math.pi * step / steps)) * 0.97 + 0.03)
         for g in opt.param_groups:
             g["lr"] = 0.0 if g.get("deep") and step < deep_start else lr * g["mult"]
-        if len(order) < bs:
-            perm = list(range(len(feats)))
-            rng.shuffle(perm)
-            order += perm
-        idx, order = order[:bs], order[bs:]
+        if stream is not None:
+            # fresh scenes every step (no scene is seen twice, so the LLM cannot fit a cache): render,
+            # run the frozen tower, and append them to the lists the steps index
+            fresh = [next(stream) for _ in range(bs)]
+            f, z = cache(tower, proc, fresh, next_)
+            idx = list(range(len(feats), len(feats) + bs))
+            feats += f
+            sizes += z
+            train_sc += fresh
+            if need:
+                cores += [object_masks(sc, grow=False) for sc in fresh]
+                omasks += [grow_masks(c) for c in cores[-bs:]]
+                if masks is not None:
+                    masks += [m.any(axis=0) for m in omasks[-bs:]]
+        else:
+            if len(order) < bs:
+                perm = list(range(len(feats)))
+                rng.shuffle(perm)
+                order += perm
+            idx, order = order[:bs], order[bs:]
         # curriculum: early steps see every object patch but few background patches (the answer-bearing
         # tokens are a larger share, so the look-up is found sooner); from `bg_full` of the run on, all
         p_bg = args.bg_start + (1.0 - args.bg_start) * min(1.0, step / max(1.0, args.bg_full * steps))
@@ -1173,17 +1336,12 @@ def main(argv=None):
     ap.add_argument("--init", help="llava15 model dir to start from (required for llava_next; skips stage A for llava15)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--scenes-a", type=int, default=2000, help="training scenes rendered for stage A")
-    ap.add_argument("--steps-a1", type=int, default=3000)
-    ap.add_argument("--batch-a1", type=int, default=64, help="5x5-patch windows per A1 step")
-    ap.add_argument("--pin-positions", type=int, default=1, help="keep the tower's position channels exact during stage A (pin_positions)")
-    ap.add_argument("--steps-a1b", type=int, default=0, help="A1b: the first layers on whole images after the windows")
-    ap.add_argument("--batch-a1b", type=int, default=4, help="whole images per A1b step")
-    ap.add_argument("--lr-a-1b", type=float, default=1e-3)
-    ap.add_argument("--steps-a2", type=int, default=400)
-    ap.add_argument("--batch-a2", type=int, default=16, help="12x12-patch crops per A2 step")
-    ap.add_argument("--steps-a3", type=int, default=40)
-    ap.add_argument("--batch-a3", type=int, default=8, help="full images per A3 step")
+    ap.add_argument("--steps-a1", type=int, default=1500, help="A1: steps of the neighbour layers (0-7) on whole images")
+    ap.add_argument("--batch-a1", type=int, default=8, help="whole images per A1 step")
     ap.add_argument("--lr-a", type=float, default=3e-3)
+    ap.add_argument("--steps-a2", type=int, default=150, help="A2: steps of all 24 layers on whole images, with the CLS objective")
+    ap.add_argument("--batch-a2", type=int, default=8, help="whole images per A2 step")
+    ap.add_argument("--lr-a2", type=float, default=1e-3)
     ap.add_argument("--val-a", type=int, default=40, help="validation scenes for the stage A report")
     ap.add_argument("--steps-b", type=int, default=None)
     ap.add_argument("--batch-b", type=int, default=None)
@@ -1194,14 +1352,17 @@ def main(argv=None):
     ap.add_argument("--lookup-scenes", type=int, default=200)
     ap.add_argument("--att-b", type=float, default=1.0, help="weight of the supervised attention loss (attention_loss; LLaVA-1.5 only; 0 = off)")
     ap.add_argument("--vo-init", type=float, default=1.0, help="value/output init of decoder layers 0-1 (init_value_paths; 0 = off)")
-    ap.add_argument("--proj-init", type=int, default=1, help="start the projector as a standardisation of the cached features (init_projector)")
+    ap.add_argument("--vo-aligned", type=int, default=0, help="init_value_paths copies align_projector's channels (colour/shape/centre, position) instead of random slices")
+    ap.add_argument("--proj-init", type=int, default=2, help="projector start: 2 = fitted to the patch labels (align_projector), 1 = a standardisation of the features (init_projector), 0 = random")
+    ap.add_argument("--align-scenes", type=int, default=200, help="cached scenes align_projector fits on")
     ap.add_argument("--objects-step", type=int, default=0, help="object curriculum: the LLM sees at most 1 + step // N objects' tokens (0 = off)")
     ap.add_argument("--deep-start-b", type=float, default=0.0, help="fraction of stage B before the decoder layers above the supervised hops train")
     ap.add_argument("--deep-lr-b", type=float, default=1.0, help="learning-rate multiplier of those layers")
     ap.add_argument("--zero-init-b", type=int, default=1, help="zero-init the LLM's residual branches (all but the attention init_value_paths sets)")
     ap.add_argument("--aux-b", type=int, default=1, help="answer targets from the shape word on (1) or on the answer only (0)")
     ap.add_argument("--per-type", type=int, default=4, help="questions per type in each training conversation")
-    ap.add_argument("--cache-b", type=int, default=None, help="training scenes whose features are cached")
+    ap.add_argument("--cache-b", type=int, default=None, help="training scenes whose features are cached (with --stream-b: those align_projector fits on)")
+    ap.add_argument("--stream-b", type=int, default=0, help="LLaVA-1.5 stage B on fresh scenes every step (tower run per step) instead of the cache")
     ap.add_argument("--val-b", type=int, default=None)
     ap.add_argument("--eval-every", type=int, default=None)
     ap.add_argument("--tower-only", action="store_true", help="stop after stage A (saves the model with an untrained LLM)")
