@@ -15,21 +15,16 @@ whole images, through `local_forward` (the HF forward restricted to each query's
 see the comment above `position_code`). A quarter of the images are LLaVA-NeXT scenes squashed to
 336x336 (what the NeXT base image looks like), so the same tower serves both variants.
 
-Stage B freezes the tower, caches its layer -2 patch features for a fixed set of training scenes,
-and trains the projector and a small Llama (16 layers, width 64, RoPE theta 1e6, word-level
-tokenizer built from `vtprune.scenes.corpus()`) LLaVA-style: multi-turn conversations about one
-image, loss on the answer tokens (and the end-of-turn token), plus supervised attention
-(`attention_loss`: in decoder layer 0 the question's shape and colour words attend to the patches of
-the objects they name, in layer 1 the answer position attends to those words; targets from the
-scene labels), a value/output initialisation of those two layers (`init_value_paths`), a projector
-fitted to the patch labels first (`align_projector`, LLaVA's stage-1 alignment) and auxiliary
-answer targets; optional: a look-up initialisation (`init_lookup`), a background-token and an object
-curriculum. The NeXT variant starts
-from the LLaVA-1.5 model's projector and LLM and fine-tunes them on AnyRes features (base + two 336
-crops, HF's own `pack_image_features`, a trained `image_newline`).
-
-Status (docs/TRAINED.md): stage A learns; stage B with supervised attention learns every question
-type on oracle features, but not yet on the tower's features, so no weights ship.
+Stage B (default `--stage-b compiled`, `stage_b_compiled`) freezes the tower, caches its layer -2
+patch features for 200 training scenes, fits the projector to the patch labels (`circuit.fit_projector`:
+one-hot colour / shape / centre tokens) and writes the LLM's look-up circuit into a small Llama
+(16 layers, width 64, RoPE theta 1e6, word-level tokenizer built from `vtprune.scenes.corpus()`;
+`circuit.compile_llm`), then optionally trains projector + LLM with the answer loss (`--steps-b`,
+default 0: it lowers count accuracy). `--stage-b learned` runs the earlier recipes (LLaVA-style
+multi-turn answer loss plus supervised attention, `init_value_paths`, `align_projector`, curricula),
+which stay near the answer prior (docs/TRAINED.md). The NeXT variant starts from the LLaVA-1.5
+model (tower and projector) and is compiled for AnyRes features (base + two 336 crops, HF's own
+`pack_image_features`; two centre tokens per object).
 
 Everything is seeded; fp32; `--threads` (default 2) sets torch's intra-op threads.
 """
@@ -1325,6 +1320,72 @@ def stage_b(model, tok, proc, args, rng: random.Random, next_: bool):
     return model
 
 
+def single_turn_loss(model, tok, feats, sizes, scene_list, idx, rng: random.Random, next_: bool):
+    """The answer loss on single-question prompts (`USER: <image>\n{q} ASSISTANT: {a}</s>`), one
+    question of each type about each scene in `idx` (the compiled circuit answers one question per
+    prompt, as `vtprune compare`, the demo and the lmms-eval task ask them)."""
+    rows_f, rows_s, rows_q = [], [], []
+    for j in idx:
+        for q in sample_questions(scene_list[j], rng, 1):
+            rows_f.append(feats[j])
+            rows_s.append(sizes[j])
+            rows_q.append([q])
+    loss, _ = lm_loss(model, tok, Seq(tok), rows_f, rows_s, rows_q, next_)
+    return loss
+
+
+def stage_b_compiled(model, tok, proc, args, rng: random.Random, next_: bool):
+    """Stage B by construction (`circuit`): fit the projector to the patch labels (llava15), write the
+    LLM's look-up circuit (`circuit.compile_llm`), then train projector + LLM with the answer loss for
+    `--steps-b` steps (single-question prompts, AdamW without weight decay)."""
+    from . import circuit
+
+    variant = "llava_next" if next_ else "llava15"
+    tower = model.model.vision_tower
+    tower.eval()
+    for p in tower.parameters():
+        p.requires_grad_(False)
+    t0 = time.time()
+    train_sc = S.scenes("train", args.fit_scenes, variant, seed=args.seed + 1)
+    val_sc = S.scenes("val", args.val_b, variant, seed=args.seed)
+    # training features: the projector's fit (llava15) and the answer-loss steps
+    feats, sizes = cache(tower, proc, train_sc, next_) if (not next_ or args.steps_b) else ([], [])
+    vfeats, vsizes = cache(tower, proc, val_sc, next_)
+    log(f"B cached {len(feats)} train + {len(vfeats)} val images in {time.time() - t0:.0f}s")
+    if not next_:
+        circuit.fit_projector(model, feats, train_sc, val=(vfeats, val_sc), log=lambda m: log(m))
+    circuit.compile_llm(model, tok, centres_per_object=args.centres_b)
+    val_q = S.eval_questions(val_sc)
+    acc = evaluate_fast(model, tok, Seq(tok), vfeats, vsizes, val_q, next_)
+    log("B compiled: val first-token accuracy", json.dumps({k: round(v, 3) for k, v in acc.items()}), f"mean {np.mean(list(acc.values())):.3f}")
+    if args.steps_b:
+        params = [p for n, p in model.named_parameters() if not n.startswith("model.vision_tower")]
+        opt = torch.optim.AdamW(params, lr=args.lr_b, weight_decay=0.0)
+        model.train()
+        t1 = time.time()
+        hist = []
+        for step in range(args.steps_b):
+            idx = [rng.randrange(len(feats)) for _ in range(args.batch_b)]
+            loss = single_turn_loss(model, tok, feats, sizes, train_sc, idx, rng, next_)
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            hist.append(loss.item())
+            if step % 10 == 0 or step == args.steps_b - 1:
+                log(f"B {step}/{args.steps_b} loss {np.mean(hist[-10:]):.3f} {time.time() - t1:.0f}s")
+        model.eval()
+        acc = evaluate_fast(model, tok, Seq(tok), vfeats, vsizes, val_q, next_)
+        log("B trained: val first-token accuracy", json.dumps({k: round(v, 3) for k, v in acc.items()}), f"mean {np.mean(list(acc.values())):.3f}")
+    model.eval()
+    return acc
+
+
+STEPS_COMPILED = 0  # compiled stage B: answer-loss steps after the circuit is written
+LR_COMPILED = 1e-5
+CENTRES_NEXT = 2
+
+
 # --- main -------------------------------------------------------------------------------------
 
 
@@ -1343,6 +1404,9 @@ def main(argv=None):
     ap.add_argument("--batch-a2", type=int, default=8, help="whole images per A2 step")
     ap.add_argument("--lr-a2", type=float, default=1e-3)
     ap.add_argument("--val-a", type=int, default=40, help="validation scenes for the stage A report")
+    ap.add_argument("--stage-b", choices=["compiled", "learned"], default="compiled", help="compiled: fitted projector + the LLM circuit written by construction, then trained (circuit.py); learned: the earlier recipes (supervised attention etc., docs/TRAINED.md), which stay near the answer prior")
+    ap.add_argument("--fit-scenes", type=int, default=200, help="compiled stage B: cached training scenes the projector is fitted on and the LLM trained on")
+    ap.add_argument("--centres-b", type=int, default=None, help="compiled stage B: centre tokens per object the count look-up expects (default 1; llava_next: base image + crops)")
     ap.add_argument("--steps-b", type=int, default=None)
     ap.add_argument("--batch-b", type=int, default=None)
     ap.add_argument("--lr-b", type=float, default=None)
@@ -1369,9 +1433,15 @@ def main(argv=None):
     args = ap.parse_args(argv)
     next_ = args.variant == "llava_next"
     args.bg_start = args.bg_start if args.bg_start is not None else (1.0 if next_ else 0.05)
-    args.steps_b = args.steps_b or (24 if next_ else 150)
-    args.batch_b = args.batch_b or (4 if next_ else 8)
-    args.lr_b = args.lr_b or (1e-3 if next_ else 2e-3)
+    if args.stage_b == "compiled":
+        args.steps_b = args.steps_b if args.steps_b is not None else STEPS_COMPILED
+        args.batch_b = args.batch_b or 8
+        args.lr_b = args.lr_b or LR_COMPILED
+        args.centres_b = args.centres_b or (CENTRES_NEXT if next_ else 1)
+    else:
+        args.steps_b = args.steps_b or (24 if next_ else 150)
+        args.batch_b = args.batch_b or (4 if next_ else 8)
+        args.lr_b = args.lr_b or (1e-3 if next_ else 2e-3)
     args.cache_b = args.cache_b or (120 if next_ else 1000)
     args.val_b = args.val_b or (40 if next_ else 100)
     args.eval_every = args.eval_every or (12 if next_ else 50)
@@ -1400,7 +1470,8 @@ def main(argv=None):
     if not args.tower_only:
         # stage B has its own seeds, so "A then B" in one run equals "--tower-only" then "--init"
         torch.manual_seed(args.seed + 1000)
-        stage_b(model, tok, proc, args, random.Random(args.seed + 1000), next_)
+        b = stage_b_compiled if args.stage_b == "compiled" else stage_b
+        b(model, tok, proc, args, random.Random(args.seed + 1000), next_)
     os.makedirs(args.out, exist_ok=True)
     model.save_pretrained(args.out)
     proc.save_pretrained(args.out)
