@@ -1,6 +1,6 @@
 """vtprune.trained: the training recipe writes HF LLaVA / LLaVA-NeXT models that load offline from their
-own files and that every method prunes; shipped weights (none yet, see docs/TRAINED.md) are held to
-their documented accuracy."""
+own files and that every method prunes; the compiled stage B answers every question type from label
+features; the shipped weights (docs/TRAINED.md) are held to their documented accuracy."""
 
 import os
 

@@ -63,7 +63,6 @@ PAD = 62  # gives the sink token the norm of an image token
 C_ONE = 63
 
 TYPE_WORDS = {"What": 0, "a": 1, "How": 2, "or": 3}
-TYPES = ("colour", "presence", "count", "side")
 SHAPE_CODE = torch.tensor([[1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0], [0, 0, 1]], dtype=torch.float32)
 COLOUR_CODE = torch.tensor([[1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0], [0, 0, 1], [0, 0, -1]], dtype=torch.float32)
 # head dims (of 16) used for content: RoPE pairs (i, i + 8) for i = 5, 6, 7 rotate by < 0.11 rad over
@@ -175,11 +174,6 @@ def background_token() -> torch.Tensor:
 # --- LLM ---------------------------------------------------------------------------------------
 
 
-def _word_ids(tok) -> dict[str, int]:
-    vocab = tok.get_vocab()
-    return {w: i for w, i in vocab.items()}
-
-
 def compile_llm(model, tok, centres_per_object: int = 1) -> None:
     """Write the circuit of the module doc into the LLM of `model` (LLaVA-1.5 or NeXT built by
     `train.build_model`): embeddings, every decoder layer, the final norm and lm_head.
@@ -189,7 +183,7 @@ def compile_llm(model, tok, centres_per_object: int = 1) -> None:
     cfg = lm.config
     hd, nq, nkv = cfg.hidden_size // cfg.num_attention_heads, cfg.num_attention_heads, cfg.num_key_value_heads
     assert cfg.hidden_size == D and hd == 16 and nq == 4 and nkv == 2, "compile_llm is written for the trained models' Llama (64 wide, 4 heads, 2 KV heads)"
-    words = _word_ids(tok)
+    words = tok.get_vocab()
     eos = tok.eos_token_id
     sc = 1.0 / math.sqrt(hd)  # SDPA's scale
     with torch.no_grad():
