@@ -400,20 +400,7 @@ def test_align_projector_reads_the_patch_labels_and_keeps_the_position():
 
     tok, model = _tiny_lm(2)
     sc = S.scenes("train", 12, "llava15", seed=3)
-    g = torch.Generator().manual_seed(0)
-    mix = torch.randn(13, 48, generator=g)
-
-    def feats(scenes):
-        out = []
-        for s in scenes:
-            t = train.scene_targets(s)
-            onehot = torch.zeros(576, 13)
-            onehot[torch.arange(576), torch.from_numpy(t["colour"])] = 1
-            onehot[torch.arange(576), 7 + torch.from_numpy(t["shape"])] = 1
-            f = torch.cat([onehot @ mix + 0.1 * torch.randn(576, 48, generator=g), train.P_RES * train.position_code()], 1)
-            out.append(f[None])
-        return out
-
+    feats = _label_features
     acc = train.align_projector(model, feats(sc[:8]), sc[:8], val=(feats(sc[8:]), sc[8:]))
     assert acc["patch_colour"] > 0.95 and acc["patch_shape"] > 0.95, acc
     t = train.scene_targets(sc[9])

@@ -1193,12 +1193,18 @@ def init_value_paths(model, scale: float = 1.0, n_layers: int = VO_LAYERS, same_
                 at.o_proj.weight[:, h * hd : (h + 1) * hd] = Q[:, kv * hd : (kv + 1) * hd] * (scale / (n_q // n_kv))
 
 
-def stage_b(model, tok, proc, args, rng: random.Random, next_: bool):
-    variant = "llava_next" if next_ else "llava15"
+def freeze_tower(model):
+    """Stage B: the vision tower in eval mode without gradients; returns it."""
     tower = model.model.vision_tower
     tower.eval()
     for p in tower.parameters():
         p.requires_grad_(False)
+    return tower
+
+
+def stage_b(model, tok, proc, args, rng: random.Random, next_: bool):
+    variant = "llava_next" if next_ else "llava15"
+    tower = freeze_tower(model)
     t0 = time.time()
     train_sc = S.scenes("train", args.cache_b, variant, seed=args.seed + 1)
     val_sc = S.scenes("val", args.val_b, variant, seed=args.seed)
@@ -1341,10 +1347,7 @@ def stage_b_compiled(model, tok, proc, args, rng: random.Random, next_: bool):
     from . import circuit
 
     variant = "llava_next" if next_ else "llava15"
-    tower = model.model.vision_tower
-    tower.eval()
-    for p in tower.parameters():
-        p.requires_grad_(False)
+    tower = freeze_tower(model)
     t0 = time.time()
     train_sc = S.scenes("train", args.fit_scenes, variant, seed=args.seed + 1)
     val_sc = S.scenes("val", args.val_b, variant, seed=args.seed)
