@@ -28,6 +28,11 @@ small, so stage B writes it and then trains every weight with the LLaVA answer l
 
 Layouts of the 64-dim residual stream are the constants below; tests check the compiled model
 against the scenes' labels (tests/test_trained.py).
+
+Scope: one question per prompt, in the four templates of `vtprune.scenes` (the offline task, the
+demo, `compare` and the notebooks ask them so). In a multi-turn conversation the word look-ups of
+layer 0 mix the turns; a question without a type word ("What" / "a" / "How" / "or") opens no
+answer gate, and the answer is empty.
 """
 
 from __future__ import annotations
@@ -124,7 +129,7 @@ def fit_projector(model, feats, scene_list, steps: int = 400, val=None, log=prin
     with torch.no_grad():
         w = lin.weight / sd
         b = lin.bias - lin.weight @ (mu / sd)
-        z_scale = 6.0  # logits of confident patches are |z| > 2: steps at +-12 (exact to 1e-6)
+        z_scale = 6.0  # steps of width ~1/3 logit: 99 % of validation tokens come out within 0.05 of 0/1 (`tokens_0_1`)
         l1w, l1b = torch.zeros_like(proj.linear_1.weight), torch.zeros_like(proj.linear_1.bias)
         l2w, l2b = torch.zeros_like(proj.linear_2.weight), torch.zeros_like(proj.linear_2.bias)
         for k in range(n_cls):  # step_k = (GELU(u + 2) - GELU(u - 2)) / 4, u = z_scale * logit
