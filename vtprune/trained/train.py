@@ -1357,7 +1357,7 @@ def stage_b_compiled(model, tok, proc, args, rng: random.Random, next_: bool):
     vfeats, vsizes = cache(tower, proc, val_sc, next_)
     log(f"B cached {len(feats)} train + {len(vfeats)} val images in {time.time() - t0:.0f}s")
     if not next_:
-        circuit.fit_projector(model, feats, train_sc, val=(vfeats, val_sc), log=lambda m: log(m))
+        circuit.fit_projector(model, feats, train_sc, val=(vfeats, val_sc), log=log)
     circuit.compile_llm(model, tok, centres_per_object=args.centres_b)
     val_q = S.eval_questions(val_sc)
     acc = evaluate_fast(model, tok, Seq(tok), vfeats, vsizes, val_q, next_)
@@ -1408,7 +1408,7 @@ def main(argv=None):
     ap.add_argument("--batch-a2", type=int, default=8, help="whole images per A2 step")
     ap.add_argument("--lr-a2", type=float, default=1e-3)
     ap.add_argument("--val-a", type=int, default=40, help="validation scenes for the stage A report")
-    ap.add_argument("--stage-b", choices=["compiled", "learned"], default="compiled", help="compiled: fitted projector + the LLM circuit written by construction, then trained (circuit.py); learned: the earlier recipes (supervised attention etc., docs/TRAINED.md), which stay near the answer prior")
+    ap.add_argument("--stage-b", choices=["compiled", "learned"], default="compiled", help="compiled: fitted projector + the LLM circuit written by construction (circuit.py), then --steps-b answer-loss steps (default 0); learned: the earlier recipes (supervised attention etc., docs/TRAINED.md), which stay near the answer prior")
     ap.add_argument("--fit-scenes", type=int, default=200, help="compiled stage B: cached training scenes the projector is fitted on and the LLM trained on")
     ap.add_argument("--centres-b", type=int, default=None, help="compiled stage B: centre tokens per object the count look-up expects (default 1; llava_next: base image + crops)")
     ap.add_argument("--steps-b", type=int, default=None)
