@@ -315,16 +315,14 @@ def compile_llm(model, tok, centres_per_object: int = 1) -> None:
         Wu[n, C_ONE] = 1.0
         Wd[A_CNT, n] = 1.0 / half
         n += 1
-        shares = [1.0 / (centres_per_object * k + 1) for k in range(S.MAX_COUNT + 1)]
-        shrink = 1.0 - 6.0 / (2 * CONST**2)  # the RMSNorm of the last token (content norm^2 ~6) scales the share
         for j in range(1, S.MAX_COUNT + 1):
-            theta = math.sqrt(shares[j - 1] * shares[j]) * shrink
-            for off, sign in ((2.0, 1.0), (-2.0, -1.0)):  # step = (silu(u + 2) - silu(u - 2)) / 4
-                Wg[n, C_ONE], Wg[n, R_CNT] = STEP * theta + off, -STEP
+            for sign in (1.0, -1.0):  # step = (silu(u + 2) - silu(u - 2)) / 4; thresholds below
+                Wg[n, R_CNT] = -STEP
                 Wu[n, W_TYP + 2] = 0.25
                 Wd[A_CNT + j, n] += sign
                 Wd[A_CNT + j - 1, n] -= sign
                 n += 1
+        set_count_thresholds(model, compiled_count_thresholds(centres_per_object))
         # a small floor under each type's answer words, so the answer is one of them even when the
         # look-up finds nothing (e.g. a blank image): the type's first answer word by order wins ties
         floors = {0: list(range(A_COL, A_COL + 6)), 1: [A_YES, A_NO], 2: list(range(A_CNT, A_CNT + S.MAX_COUNT + 1)), 3: [A_LEFT, A_RIGHT]}
@@ -346,3 +344,71 @@ def compile_llm(model, tok, centres_per_object: int = 1) -> None:
         model.lm_head.weight.copy_(H)
         if hasattr(model.model, "image_newline"):
             model.model.image_newline.copy_(background_token())
+
+
+# --- the count thresholds: compiled, or fitted to data (`fit_count_thresholds`) ----------------------
+
+
+def compiled_count_thresholds(centres_per_object: int = 1) -> list[float]:
+    """theta_j (j = 1..MAX_COUNT) between the sink shares 1 / (centres x count + 1) the count look-up
+    gives for j - 1 and j objects, as written by `compile_llm`: "count >= j" when the share < theta_j."""
+    shares = [1.0 / (centres_per_object * k + 1) for k in range(S.MAX_COUNT + 1)]
+    shrink = 1.0 - 6.0 / (2 * CONST**2)  # the RMSNorm of the last token (content norm^2 ~6) scales the share
+    return [math.sqrt(shares[j - 1] * shares[j]) * shrink for j in range(1, S.MAX_COUNT + 1)]
+
+
+def _count_rows(model) -> list[int]:
+    Wg = model.model.language_model.layers[-1].mlp.gate_proj.weight
+    rows = torch.nonzero(Wg[:, R_CNT]).flatten().tolist()
+    if len(rows) != 2 * S.MAX_COUNT:
+        raise ValueError(f"expected {2 * S.MAX_COUNT} count-step rows in the last layer's MLP gate, found {len(rows)}: not a compiled model")
+    return rows
+
+
+def count_thresholds(model) -> list[float]:
+    """The count thresholds the model's last MLP holds (share of the count head's sink, relative to
+    the constant channel, below which "count >= j")."""
+    Wg = model.model.language_model.layers[-1].mlp.gate_proj.weight
+    rows = _count_rows(model)
+    return [(Wg[r, C_ONE].item() - 2.0) / -Wg[r, R_CNT].item() for r in rows[::2]]
+
+
+def set_count_thresholds(model, thetas) -> None:
+    """Write thresholds theta_1 > ... > theta_MAX_COUNT into the count steps of the last MLP: row pair
+    j gates on STEP x (theta_j - share) +- 2, so its difference steps from 0 to 1 as the share falls
+    below theta_j."""
+    thetas = [float(t) for t in thetas]
+    if len(thetas) != S.MAX_COUNT or not all(0 < b < a < 1.5 for a, b in zip(thetas, thetas[1:])) or thetas[0] >= 1.5:
+        raise ValueError(f"count thresholds must be {S.MAX_COUNT} decreasing values in (0, 1.5), got {thetas}")
+    Wg = model.model.language_model.layers[-1].mlp.gate_proj.weight
+    rows = _count_rows(model)
+    with torch.no_grad():
+        for j, theta in enumerate(thetas):
+            for r, off in zip(rows[2 * j : 2 * j + 2], (2.0, -2.0)):
+                Wg[r, C_ONE] = STEP * theta + off
+
+
+def fit_count_thresholds(share, count, weight=None, steps: int = 1500, init=None) -> tuple[list[float], float]:
+    """Fit the count thresholds to measured sink shares: a cumulative-logit (ordinal logistic) model
+    P(count >= j) = sigmoid(a (log theta_j - log share)) with one slope `a`, by maximum likelihood
+    (Adam, full batch, deterministic). `weight` (per sample) reweights the classes, e.g. to the answer
+    mix the evaluation asks. Returns (thetas, slope); the model then answers "count >= j" when the
+    share < theta_j (where P = 1/2)."""
+    share = torch.as_tensor(np.asarray(share, np.float64)).clamp_min(1e-6)
+    count = torch.as_tensor(np.asarray(count, np.int64))
+    w = torch.ones(len(share), dtype=torch.float64) if weight is None else torch.as_tensor(np.asarray(weight, np.float64))
+    init = compiled_count_thresholds() if init is None else init
+    c = torch.tensor(np.log(init), dtype=torch.float64, requires_grad=True)
+    log_a = torch.tensor(math.log(10.0), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.Adam([c, log_a], lr=0.05)
+    ls = share.log()
+    for _ in range(steps):
+        cum = torch.sigmoid(log_a.exp() * (c[None] - ls[:, None]))  # P(count >= j), j = 1..K
+        one = torch.ones(len(ls), 1, dtype=cum.dtype)
+        p = torch.cat([one, cum], 1) - torch.cat([cum, 0 * one], 1)
+        loss = -(w * p.gather(1, count[:, None])[:, 0].clamp_min(1e-9).log()).sum() / w.sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    thetas = sorted(np.exp(c.detach().numpy()).tolist(), reverse=True)
+    return thetas, float(log_a.detach().exp())

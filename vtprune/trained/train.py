@@ -617,6 +617,78 @@ def stage_a(tower, args, rng: random.Random):
     return tower
 
 
+def stage_a3(tower, args) -> dict:
+    """A3: the last encoder layer's CLS learns the image-level objective on its own.
+
+    A2's objective did not shape the last layer's CLS attention (it avoided objects: top-64 on
+    objects 0.00), and GlobalCom² and MustDrop read exactly that row. LLaVA reads hidden state -2
+    (the output of layer 22), so A3 trains only the last layer and `post_layernorm` on cached
+    layer-22 outputs, with layers 0-22 frozen: the LLM's input is unchanged. The CLS output, through
+    `post_layernorm` and a linear head (not saved), predicts colour x shape presence and per-shape
+    counts (`image_loss`), as in A2. Own seeds: the same tower gives the same last layer whether
+    stage A ran in this process or was loaded (--init with --a3-on-init)."""
+    torch.manual_seed(args.seed + 3)
+    rng = random.Random(args.seed + 3)
+    t0 = time.time()
+    n = args.scenes_a3
+    pool = S.scenes("train", n - n // 4, "llava15", seed=args.seed + 3) + S.scenes("train", n // 4, "llava_next", seed=args.seed + 3)
+    data = [scene_targets(s) for s in pool]
+    val = [scene_targets(s) for s in S.scenes("val", args.val_a, "llava15", seed=args.seed)]
+
+    def inputs(ts):  # the last layer's input (hidden state -2), all 577 tokens, from the HF forward
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(ts), 16):
+                pix = torch.from_numpy(np.stack([pixels(t["img"]) for t in ts[i : i + 16]]))
+                out.append(tower(pixel_values=pix, output_hidden_states=True).hidden_states[-2])
+        return torch.cat(out)
+
+    was = tower.training
+    tower.eval()
+    h, hv = inputs(data), inputs(val)
+    img = [torch.from_numpy(np.stack(z)) for z in zip(*(crop_image_targets(t, 0, 0, GRID) for t in data))]
+    log(f"A3 cached the last layer's input for {len(data)} + {len(val)} scenes in {time.time() - t0:.0f}s")
+    layer = tower.encoder.layers[-1]
+    head = nn.Linear(tower.config.hidden_size, len(PAIRS) + len(S.SHAPES) * (S.MAX_COUNT + 1))
+    for p in tower.parameters():
+        p.requires_grad_(False)
+    params = list(layer.parameters()) + list(tower.post_layernorm.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    params += list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr_a3, weight_decay=0.05)
+    meter = Meter("A3", 200)
+    layer.train()
+    for step in range(args.steps_a3):
+        idx = [rng.randrange(len(data)) for _ in range(16)]
+        out = layer(h[idx], None)
+        out = out[0] if isinstance(out, tuple) else out
+        loss = image_loss(head(tower.post_layernorm(out[:, 0])), *(x[idx] for x in img))
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        meter.add(step, args.steps_a3, loss=loss.item())
+    for p in tower.parameters():
+        p.requires_grad_(True)
+    tower.train(was)
+    res = last_cls_report(tower, hv, val)
+    log("A3 report (validation) " + json.dumps(res))
+    return res
+
+
+def last_cls_report(tower, h, val) -> dict:
+    """How much the last layer's CLS attention row (head mean) favours object patches: its mass on
+    them, and the share of its top-k patches on them, against their share of the image."""
+    obj = torch.from_numpy(np.stack([t["shape"] for t in val])) > 0
+    with torch.no_grad():
+        a = cls_attention(tower, [None] * (len(tower.encoder.layers) - 1) + [h], len(tower.encoder.layers) - 1)
+    res = {"object_patch_share": round(obj.float().mean().item(), 3), "cls_mass_on_objects": round((a * obj).sum(-1).mean().item(), 3)}
+    for k in (8, 16, 64):
+        res[f"cls_top{k}_on_objects"] = round(obj.gather(1, a.topk(k, dim=-1).indices).float().mean().item(), 3)
+    return res
+
+
 def cls_attention(tower, hs, layer: int) -> torch.Tensor:
     """Head-mean attention of the CLS query over the patches at encoder `layer` (B, 576)."""
     from ..patches.clip import cls_logits
@@ -1353,12 +1425,15 @@ def stage_b_compiled(model, tok, proc, args, rng: random.Random, next_: bool):
     train_sc = S.scenes("train", args.fit_scenes, variant, seed=args.seed + 1)
     val_sc = S.scenes("val", args.val_b, variant, seed=args.seed)
     # training features: the projector's fit (llava15) and the answer-loss steps
-    feats, sizes = cache(tower, proc, train_sc, next_) if (not next_ or args.steps_b) else ([], [])
+    need = len(train_sc) if (not next_ or args.steps_b) else min(args.count_scenes, len(train_sc))
+    feats, sizes = cache(tower, proc, train_sc[:need], next_) if need else ([], [])
     vfeats, vsizes = cache(tower, proc, val_sc, next_)
     log(f"B cached {len(feats)} train + {len(vfeats)} val images in {time.time() - t0:.0f}s")
     if not next_:
         circuit.fit_projector(model, feats, train_sc, val=(vfeats, val_sc), log=log)
     circuit.compile_llm(model, tok, centres_per_object=args.centres_b)
+    if args.count_scenes:
+        calibrate_count(model, tok, feats[: args.count_scenes], sizes[: args.count_scenes], train_sc[: args.count_scenes], next_)
     val_q = S.eval_questions(val_sc)
     acc = evaluate_fast(model, tok, Seq(tok), vfeats, vsizes, val_q, next_)
     log("B compiled: val first-token accuracy", json.dumps({k: round(v, 3) for k, v in acc.items()}), f"mean {np.mean(list(acc.values())):.3f}")
@@ -1385,6 +1460,72 @@ def stage_b_compiled(model, tok, proc, args, rng: random.Random, next_: bool):
     return acc
 
 
+def count_shares(model, tok, feats, sizes, scene_list, next_: bool, bs: int = 8):
+    """Every count question of every scene (`scenes.all_questions`): the count look-up's sink share as
+    the last layer's MLP reads it (relative to the constant channel), the true count, and whether
+    `scenes.eval_questions` asks that question (its answer mix). Arrays (share, count, asked)."""
+    from . import circuit
+
+    asked = {(i, q.text) for i, q in S.eval_questions(scene_list, types=("count",))}
+    pairs = [(i, q) for i, sc in enumerate(scene_list) for q in S.all_questions(sc)["count"]]
+    store = []
+    hook = model.model.language_model.layers[-1].post_attention_layernorm.register_forward_hook(lambda m, i, o: store.append(o.detach()))
+    seqb = Seq(tok)
+    share, count, ask = [], [], []
+    try:
+        with torch.no_grad():
+            for k in range(0, len(pairs), bs):
+                chunk = pairs[k : k + bs]
+                store.clear()
+                lm_loss(model, tok, seqb, [feats[i] for i, _ in chunk], [sizes[i] for i, _ in chunk], [[q] for _, q in chunk], next_)
+                h = store[-1]
+                n_img = [e.shape[0] for e in image_embeds(model, [feats[i] for i, _ in chunk], [sizes[i] for i, _ in chunk], next_)]
+                for r, ((i, q), n) in enumerate(zip(chunk, n_img)):
+                    seqb.build([q], n)
+                    pos = seqb.marks[0][0]  # the last prompt token: it predicts the answer
+                    share.append((h[r, pos, circuit.R_CNT] / h[r, pos, circuit.C_ONE]).item())
+                    count.append(int(q.answer))
+                    ask.append((i, q.text) in asked)
+    finally:
+        hook.remove()
+    return np.array(share), np.array(count), np.array(ask)
+
+
+def calibrate_count(model, tok, feats, sizes, scene_list, next_: bool) -> dict:
+    """Fit the last MLP's count thresholds (`circuit.fit_count_thresholds`) to the sink shares the
+    count look-up gives on training scenes, every count question weighted to the answer mix that
+    `eval_questions` asks (which spreads the answers over 0..4). Returns what it measured."""
+    from . import circuit
+
+    share, count, ask = count_shares(model, tok, feats, sizes, scene_list, next_)
+    k = S.MAX_COUNT + 1
+    p_all = np.bincount(count, minlength=k) / len(count)
+    p_ask = np.bincount(count[ask], minlength=k) / max(ask.sum(), 1)
+    weight = (p_ask / np.maximum(p_all, 1e-9))[count]
+    before = circuit.count_thresholds(model)
+    thetas, slope = circuit.fit_count_thresholds(share, count, weight, init=before)
+    circuit.set_count_thresholds(model, thetas)
+
+    def acc(th, m):
+        pred = sum((share[m] < t).astype(int) for t in th)
+        return float((pred == count[m]).mean())
+
+    every = np.ones(len(share), bool)
+    res = dict(
+        questions=int(len(share)),
+        compiled=[round(t, 4) for t in before],
+        fitted=[round(t, 4) for t in thetas],
+        slope=round(slope, 2),
+        train_acc_compiled=round(acc(before, every), 3),
+        train_acc_fitted=round(acc(thetas, every), 3),
+        train_acc_asked_compiled=round(acc(before, ask), 3),
+        train_acc_asked_fitted=round(acc(thetas, ask), 3),
+        class_mean_share=[round(float(share[count == c].mean()), 3) if (count == c).any() else None for c in range(k)],
+    )
+    log("B count thresholds " + json.dumps(res))
+    return res
+
+
 STEPS_COMPILED = 0  # compiled stage B: answer-loss steps after the circuit is written
 LR_COMPILED = 1e-5
 CENTRES_NEXT = 2
@@ -1407,9 +1548,14 @@ def main(argv=None):
     ap.add_argument("--steps-a2", type=int, default=150, help="A2: steps of all 24 layers on whole images, with the CLS objective")
     ap.add_argument("--batch-a2", type=int, default=8, help="whole images per A2 step")
     ap.add_argument("--lr-a2", type=float, default=1e-3)
+    ap.add_argument("--steps-a3", type=int, default=1200, help="A3: steps of the last encoder layer alone on the image-level CLS objective (layers 0-22 frozen; 0 = skip)")
+    ap.add_argument("--scenes-a3", type=int, default=600, help="A3: training scenes whose last-layer inputs are cached")
+    ap.add_argument("--lr-a3", type=float, default=3e-3)
+    ap.add_argument("--a3-on-init", action="store_true", help="llava15 with --init: run A3 on the loaded tower (by default --init keeps its tower as it is)")
     ap.add_argument("--val-a", type=int, default=40, help="validation scenes for the stage A report")
     ap.add_argument("--stage-b", choices=["compiled", "learned"], default="compiled", help="compiled: fitted projector + the LLM circuit written by construction (circuit.py), then --steps-b answer-loss steps (default 0); learned: the earlier recipes (supervised attention etc., docs/TRAINED.md), which stay near the answer prior")
     ap.add_argument("--fit-scenes", type=int, default=200, help="compiled stage B: cached training scenes the projector is fitted on and the LLM trained on")
+    ap.add_argument("--count-scenes", type=int, default=None, help="compiled stage B: training scenes whose count questions the count thresholds are fitted on (calibrate_count; default 200, llava_next 100; 0 = the compiled thresholds)")
     ap.add_argument("--centres-b", type=int, default=None, help="compiled stage B: centre tokens per object the count look-up expects (default 1; llava_next: base image + crops)")
     ap.add_argument("--steps-b", type=int, default=None)
     ap.add_argument("--batch-b", type=int, default=None)
@@ -1448,6 +1594,7 @@ def main(argv=None):
         args.lr_b = args.lr_b or (1e-3 if next_ else 2e-3)
     args.cache_b = args.cache_b or (120 if next_ else 1000)
     args.val_b = args.val_b or (40 if next_ else 100)
+    args.count_scenes = (100 if next_ else 200) if args.count_scenes is None else args.count_scenes
     args.eval_every = args.eval_every or (12 if next_ else 50)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -1471,6 +1618,9 @@ def main(argv=None):
     else:
         stage_a(model.model.vision_tower, args, rng)
         log(f"stage A done in {time.time() - t0:.0f}s")
+    if not next_ and args.steps_a3 and (not args.init or args.a3_on_init):
+        stage_a3(model.model.vision_tower, args)
+        log(f"stage A3 done at {time.time() - t0:.0f}s")
     if not args.tower_only:
         # stage B has its own seeds, so "A then B" in one run equals "--tower-only" then "--init"
         torch.manual_seed(args.seed + 1000)
