@@ -491,3 +491,45 @@ def test_count_thresholds_are_fitted_to_measured_shares_and_drive_the_answer():
     assert acc > 0.9 and slope > 5, (acc, slope)
     heavy, _ = circuit.fit_count_thresholds(x, n, weight=np.where(n == 4, 20.0, 1.0))
     assert heavy[3] > thetas[3]  # weighting 4s up answers 4 more often
+
+
+def test_stage_a3_trains_only_the_last_layer_and_leaves_llava_features_bit_exact():
+    """A3 trains the last encoder layer and post_layernorm on the CLS objective: every other tower
+    weight, and hidden state -2 (what LLaVA reads), stay bit-identical; the last layer changes."""
+    import argparse
+
+    tower = _trained_like(_tower())
+    pix = _scene_pixels(2)
+    with torch.no_grad():
+        before = tower(pixel_values=pix, output_hidden_states=True).hidden_states[-2].clone()
+    state = {k: v.clone() for k, v in tower.state_dict().items()}
+    args = argparse.Namespace(seed=0, scenes_a3=8, steps_a3=5, lr_a3=3e-3, val_a=2)
+    res = train.stage_a3(tower, args)
+    assert set(res) >= {"cls_mass_on_objects", "cls_top16_on_objects", "object_patch_share"}
+    last = f"encoder.layers.{len(tower.encoder.layers) - 1}."
+    for k, v in tower.state_dict().items():
+        if k.startswith(last) or k.startswith("post_layernorm."):
+            continue
+        assert torch.equal(v, state[k]), k
+    assert any(not torch.equal(v, state[k]) for k, v in tower.state_dict().items() if k.startswith(last))
+    with torch.no_grad():
+        after = tower(pixel_values=pix, output_hidden_states=True).hidden_states[-2]
+    assert torch.equal(before, after)
+    assert all(p.requires_grad for p in tower.parameters())  # left trainable, as stage A leaves it
+
+
+@pytest.mark.parametrize("variant", trained.VARIANTS)
+def test_shipped_towers_last_layer_cls_attends_to_objects(variant):
+    """GlobalCom² and MustDrop rank by the last tower layer's CLS attention: on the shipped weights
+    (A3) that row puts most of its mass on object patches, several times their share of the image."""
+    if not trained.available(variant):
+        pytest.skip(f"no trained {variant} weights ship yet (docs/TRAINED.md)")
+    model, _ = trained.load(variant)
+    tower = model.model.vision_tower
+    val = [train.scene_targets(s) for s in S.scenes("val", 12, "llava15")]
+    pix = torch.from_numpy(np.stack([train.pixels(t["img"]) for t in val]))
+    with torch.no_grad():
+        h = tower(pixel_values=pix, output_hidden_states=True).hidden_states[-2]
+    res = train.last_cls_report(tower, h, val)
+    assert res["cls_mass_on_objects"] > 0.6 and res["cls_mass_on_objects"] > 5 * res["object_patch_share"], res
+    assert res["cls_top8_on_objects"] > 0.5, res
