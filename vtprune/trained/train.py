@@ -1491,10 +1491,14 @@ def count_shares(model, tok, feats, sizes, scene_list, next_: bool, bs: int = 8)
     return np.array(share), np.array(count), np.array(ask)
 
 
+MIN_PER_COUNT = 5  # calibrate_count: questions per answer 0..4 needed to fit the thresholds
+
+
 def calibrate_count(model, tok, feats, sizes, scene_list, next_: bool) -> dict:
     """Fit the last MLP's count thresholds (`circuit.fit_count_thresholds`) to the sink shares the
     count look-up gives on training scenes, every count question weighted to the answer mix that
-    `eval_questions` asks (which spreads the answers over 0..4). Returns what it measured."""
+    `eval_questions` asks (which spreads the answers over 0..4). With fewer than MIN_PER_COUNT
+    questions for some answer (or no valid fit) the compiled thresholds stay. Returns what it measured."""
     from . import circuit
 
     share, count, ask = count_shares(model, tok, feats, sizes, scene_list, next_)
@@ -1503,10 +1507,20 @@ def calibrate_count(model, tok, feats, sizes, scene_list, next_: bool) -> dict:
     p_ask = np.bincount(count[ask], minlength=k) / max(ask.sum(), 1)
     weight = (p_ask / np.maximum(p_all, 1e-9))[count]
     before = circuit.count_thresholds(model)
-    thetas, slope = circuit.fit_count_thresholds(share, count, weight, init=before)
-    circuit.set_count_thresholds(model, thetas)
+    per_class = np.bincount(count, minlength=k)
+    thetas, slope = before, float("nan")
+    if per_class.min() >= MIN_PER_COUNT:
+        fit, slope = circuit.fit_count_thresholds(share, count, weight, init=before)
+        if all(0 < b < a < 1.5 for a, b in zip([1.5] + fit, fit)):
+            thetas = fit
+    if thetas is before:
+        log(f"B count thresholds: compiled ones kept (questions per answer 0..{k - 1}: {per_class.tolist()}, fewer than {MIN_PER_COUNT} or no valid fit)")
+    else:
+        circuit.set_count_thresholds(model, thetas)
 
     def acc(th, m):
+        if not m.any():
+            return float("nan")
         pred = sum((share[m] < t).astype(int) for t in th)
         return float((pred == count[m]).mean())
 
