@@ -536,3 +536,32 @@ def test_shipped_towers_last_layer_cls_attends_to_objects(variant):
     res = train.last_cls_report(tower, h, val)
     assert res["cls_mass_on_objects"] > 0.6 and res["cls_mass_on_objects"] > 5 * res["object_patch_share"], res
     assert res["cls_top8_on_objects"] > 0.5, res
+
+
+def test_calibrate_count_writes_the_fit_only_when_every_answer_has_questions(monkeypatch):
+    """calibrate_count fits the thresholds to the measured shares and writes them; with fewer than
+    MIN_PER_COUNT questions for some answer it keeps the compiled thresholds bit for bit."""
+    from vtprune.trained import circuit
+
+    tok, model = _tiny_lm(16)
+    circuit.compile_llm(model, tok)
+    gate = model.model.language_model.layers[-1].mlp.gate_proj.weight
+    compiled = gate.detach().clone()
+    rng = np.random.default_rng(1)
+    n = rng.integers(0, 5, 400)
+    # spurious centres lower every share by ~15 %: the fit follows them, the compiled rule does not
+    x = np.exp(np.log(0.85 / (n + 1)) + 0.05 * rng.standard_normal(400))
+    asked = rng.random(400) < 0.3
+    monkeypatch.setattr(train, "count_shares", lambda *a, **k: (x, n, asked))
+    res = train.calibrate_count(model, tok, None, None, None, False)
+    assert res["fitted"] != res["compiled"] and res["train_acc_fitted"] > res["train_acc_compiled"] + 0.05, res
+    np.testing.assert_allclose(circuit.count_thresholds(model), res["fitted"], atol=1e-4)
+    # too few 4s: compiled thresholds stay
+    circuit.compile_llm(model, tok)
+    few = n.copy()
+    few[few == 4] = 3
+    few[:3] = 4
+    monkeypatch.setattr(train, "count_shares", lambda *a, **k: (x, few, asked))
+    res = train.calibrate_count(model, tok, None, None, None, False)
+    assert res["fitted"] == res["compiled"]
+    assert torch.equal(gate, compiled)

@@ -1511,7 +1511,7 @@ def calibrate_count(model, tok, feats, sizes, scene_list, next_: bool) -> dict:
     thetas, slope = before, float("nan")
     if per_class.min() >= MIN_PER_COUNT:
         fit, slope = circuit.fit_count_thresholds(share, count, weight, init=before)
-        if all(0 < b < a < 1.5 for a, b in zip([1.5] + fit, fit)):
+        if all(0 < b < a for a, b in zip([1.5] + fit, fit)):
             thetas = fit
     if thetas is before:
         log(f"B count thresholds: compiled ones kept (questions per answer 0..{k - 1}: {per_class.tolist()}, fewer than {MIN_PER_COUNT} or no valid fit)")
