@@ -378,7 +378,7 @@ def set_count_thresholds(model, thetas) -> None:
     j gates on STEP x (theta_j - share) +- 2, so its difference steps from 0 to 1 as the share falls
     below theta_j."""
     thetas = [float(t) for t in thetas]
-    if len(thetas) != S.MAX_COUNT or not all(0 < b < a < 1.5 for a, b in zip(thetas, thetas[1:])) or thetas[0] >= 1.5:
+    if len(thetas) != S.MAX_COUNT or not all(0 < b < a for a, b in zip([1.5] + thetas, thetas)):
         raise ValueError(f"count thresholds must be {S.MAX_COUNT} decreasing values in (0, 1.5), got {thetas}")
     Wg = model.model.language_model.layers[-1].mlp.gate_proj.weight
     rows = _count_rows(model)

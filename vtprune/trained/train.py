@@ -682,19 +682,20 @@ def last_cls_report(tower, h, val) -> dict:
     them, and the share of its top-k patches on them, against their share of the image."""
     obj = torch.from_numpy(np.stack([t["shape"] for t in val])) > 0
     with torch.no_grad():
-        a = cls_attention(tower, [None] * (len(tower.encoder.layers) - 1) + [h], len(tower.encoder.layers) - 1)
+        a = cls_attention(tower, h, len(tower.encoder.layers) - 1)
     res = {"object_patch_share": round(obj.float().mean().item(), 3), "cls_mass_on_objects": round((a * obj).sum(-1).mean().item(), 3)}
     for k in (8, 16, 64):
         res[f"cls_top{k}_on_objects"] = round(obj.gather(1, a.topk(k, dim=-1).indices).float().mean().item(), 3)
     return res
 
 
-def cls_attention(tower, hs, layer: int) -> torch.Tensor:
-    """Head-mean attention of the CLS query over the patches at encoder `layer` (B, 576)."""
+def cls_attention(tower, h_in, layer: int) -> torch.Tensor:
+    """Head-mean attention of the CLS query over the patches at encoder `layer` (B, 576), from that
+    layer's input hidden states `h_in` (hidden_states[layer])."""
     from ..patches.clip import cls_logits
 
     block = tower.encoder.layers[layer]
-    h = block.layer_norm1(hs[layer])
+    h = block.layer_norm1(h_in)
     att = block.self_attn
     return cls_logits(att.q_proj(h[:, 0]), att.k_proj(h), att).softmax(-1).mean(1)[:, 1:]
 
@@ -721,7 +722,7 @@ def tower_report(tower, heads, val) -> dict:
         obj = shp > 0
         res["object_patch_share"] = obj.float().mean().item()
         for layer in (0, 20, 21, 22, 23):
-            a = cls_attention(tower, hs, layer)
+            a = cls_attention(tower, hs[layer], layer)
             top = a.topk(64, dim=-1).indices
             res[f"cls_top64_on_objects_L{layer}"] = obj.gather(1, top).float().mean().item()
     tower.train()
@@ -1511,12 +1512,13 @@ def calibrate_count(model, tok, feats, sizes, scene_list, next_: bool) -> dict:
     thetas, slope = before, float("nan")
     if per_class.min() >= MIN_PER_COUNT:
         fit, slope = circuit.fit_count_thresholds(share, count, weight, init=before)
-        if all(0 < b < a for a, b in zip([1.5] + fit, fit)):
+        try:
+            circuit.set_count_thresholds(model, fit)  # validates before it writes
             thetas = fit
+        except ValueError:
+            pass
     if thetas is before:
         log(f"B count thresholds: compiled ones kept (questions per answer 0..{k - 1}: {per_class.tolist()}, fewer than {MIN_PER_COUNT} or no valid fit)")
-    else:
-        circuit.set_count_thresholds(model, thetas)
 
     def acc(th, m):
         if not m.any():
