@@ -530,9 +530,8 @@ def test_shipped_towers_last_layer_cls_attends_to_objects(variant):
     model, _ = trained.load(variant)
     tower = model.model.vision_tower
     val = [train.scene_targets(s) for s in S.scenes("val", 12, "llava15")]
-    pix = torch.from_numpy(np.stack([train.pixels(t["img"]) for t in val]))
     with torch.no_grad():
-        h = tower(pixel_values=pix, output_hidden_states=True).hidden_states[-2]
+        h = tower(pixel_values=_scene_pixels(12), output_hidden_states=True).hidden_states[-2]
     res = train.last_cls_report(tower, h, val)
     assert res["cls_mass_on_objects"] > 0.6 and res["cls_mass_on_objects"] > 5 * res["object_patch_share"], res
     assert res["cls_top8_on_objects"] > 0.5, res
