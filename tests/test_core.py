@@ -197,3 +197,27 @@ def test_report_contract(llava_next):
             assert rep.scores[i][p].shape == (grid * grid,)
         assert rep.sources[i] is None
     assert rep.input_keep.shape == inputs["input_ids"].shape
+
+
+# --- when select runs ------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "method,params,selects,budget",
+    [
+        ("vtc-cls", {"keep": 576}, False, 576),  # a budget at the unpruned count: the stock layout, no selection
+        ("vtc-cls", {"keep": 64}, True, 64),
+        ("hired", {}, True, int(576 * 0.2)),  # rate mode: HiRED's own budget, set in select
+        ("hired", {"token_budget_rate": 1.0}, False, 576),  # rate 1 in the stock packing keeps everything
+        ("mustdrop", {"global_thr": 0.01, "individual_thr": 0.01}, True, 576),  # threshold mode reports `available`
+        ("atp", {}, True, 576),  # nothing dropped before the LLM; select records the table its stages use
+    ],
+)
+def test_selection_runs_when_the_method_needs_it(llava, method, params, selects, budget):
+    model, proc = llava
+    inputs = _batch(proc, [(336, 336)])
+    with vtprune.pruned(model, method, **params) as pr, torch.no_grad():
+        calls = []
+        real = pr.method.select_batch
+        pr.method.select_batch = lambda images: calls.append(len(images)) or real(images)
+        model(**inputs)
+    assert calls == ([1] if selects else [])
+    assert pr.last.budget == [budget]

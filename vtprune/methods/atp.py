@@ -260,7 +260,10 @@ class ATP(Method):
         return {"mass_schedule": (1.0, 1.0, 1.0, 1.0)}
 
     def budget(self, available: int) -> int:
-        return max(0, available - 1)  # ask for the selection (nothing is dropped before the LLM)
+        return available  # nothing is dropped before the LLM; `select` records the table its stages use
+
+    def needs_selection(self, available: int, budget: int) -> bool:
+        return True
 
     def check_model(self, family: str, batch_images: int) -> None:
         super().check_model(family, batch_images)

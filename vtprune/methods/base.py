@@ -131,12 +131,19 @@ class Method:
         return out
 
     def budget(self, available: int) -> int:
-        """Visual tokens allowed for an image whose unpruned count is `available`."""
+        """Visual tokens allowed for an image whose unpruned count is `available` (`available` when the
+        method sets its own budget in `select`, see `needs_selection`)."""
         if self.keep is not None:
             return int(self.keep)
         if self.keep_ratio is not None:
             return max(1, int(self.keep_ratio * available))
         return available
+
+    def needs_selection(self, available: int, budget: int) -> bool:
+        """Whether `select` (and an in-tower stage) runs for an image: by default when its budget is below
+        its unpruned count. Methods whose budget is only known inside `select` (HiRED's and GlobalCom²'s
+        ratios, MustDrop's thresholds, ATP) return True there and set `image.budget` in `select`."""
+        return budget < available
 
     # --- what the method needs ------------------------------------------------------------------------
     def cls_layers(self, num_layers: int, feature_layer: int) -> list[int]:

@@ -177,13 +177,11 @@ class GlobalCom2(Method):
         out["retention_ratio"] = self.ratio()
         return out
 
-    def budget(self, available: int) -> int:
-        if self.ratio() is None:
-            return super().budget(available)
+    def needs_selection(self, available: int, budget: int) -> bool:
         # R's token count depends on the grid and the scores, which only `select` sees (even R = 1
         # compresses the crops whose ratio is below the mean): always select; the image's report
         # budget is set there.
-        return max(0, available - 1)
+        return self.ratio() is not None or super().needs_selection(available, budget)
 
     # --- what the method needs ------------------------------------------------------------------------
     def cls_layers(self, num_layers: int, feature_layer: int) -> list[int]:

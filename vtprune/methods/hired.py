@@ -169,15 +169,14 @@ class HiRED(Method):
     def _stock_packing(self) -> bool:
         return self.policy("grid") == "corrected" and self.policy("unpad_rule") == "hf" and self.policy("newline") != "none"
 
-    def budget(self, available: int) -> int:
+    def needs_selection(self, available: int, budget: int) -> bool:
         rate = self.rate()
         if rate is None:
-            return super().budget(available)
-        if rate >= 1 and self._stock_packing():
-            return available  # everything kept in the stock layout
-        # HiRED's own budget depends on the partition count, which only `select` sees: ask for the
-        # selection (the image's report budget is set there to HiRED's total).
-        return max(0, available - 1)
+            return super().needs_selection(available, budget)
+        # rate >= 1 in the stock packing keeps everything in the stock layout; otherwise HiRED's own
+        # budget depends on the partition count, which only `select` sees (the image's report budget is
+        # set there to HiRED's total).
+        return not (rate >= 1 and self._stock_packing())
 
     # --- what the method needs ------------------------------------------------------------------------
     def cls_layers(self, num_layers: int, feature_layer: int) -> list[int]:

@@ -365,10 +365,9 @@ class MustDrop(Method):
             return PRESETS[int(self.keep)]
         return None
 
-    def budget(self, available: int) -> int:
-        if self.global_thr is not None:
-            return max(0, available - 1)  # threshold mode: ask for the selection (the report shows `available`)
-        return super().budget(available)
+    def needs_selection(self, available: int, budget: int) -> bool:
+        # threshold mode: always select (the report shows `available`)
+        return self.global_thr is not None or super().needs_selection(available, budget)
 
     def _merges(self) -> bool:
         return self.merge_thr <= 1
@@ -399,11 +398,11 @@ class MustDrop(Method):
         return [0] if self._merges() else []
 
     def vision_prunes(self, geometry, budget: int) -> bool:
-        return self._merges() and budget < geometry.stock_count()
+        return self._merges() and self.needs_selection(geometry.stock_count(), budget)
 
     def vision_begin(self, geometries, budgets, tiles_per_image, feature_layer: int, num_layers: int):
         g0 = geometries[0]
-        enabled = all(b < g.stock_count() for g, b in zip(geometries, budgets))
+        enabled = all(self.needs_selection(g.stock_count(), b) for g, b in zip(geometries, budgets))
         valid = []
         for g, n in zip(geometries, tiles_per_image):
             valid.extend(g.valid_mask(p) for p in range(n))

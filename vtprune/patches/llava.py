@@ -148,7 +148,7 @@ class LlavaAdapter:
 
         # a method may refine image.budget inside select (e.g. HiRED's own budget depends on the grid); the
         # report reads it afterwards
-        prune = [c for c in contexts if c.budget < c.available]
+        prune = [c for c in contexts if method.needs_selection(c.available, c.budget)]
         chosen = dict(zip((c.index for c in prune), method.select_batch(prune))) if prune else {}
         out = []
         newline = self.newline_param()

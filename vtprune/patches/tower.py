@@ -88,7 +88,7 @@ class BareTowerAdapter:
                 contexts.append(ctx)
                 rows_of[i] = last[0]
         contexts.sort(key=lambda c: c.index)
-        prune = [c for c in contexts if c.budget < c.available]
+        prune = [c for c in contexts if method.needs_selection(c.available, c.budget)]
         chosen = dict(zip((c.index for c in prune), method.select_batch(prune))) if prune else {}
         tokens, rep = [], Report(method.name, method.params(), position_mode=None)
         for ctx in contexts:
