@@ -1,9 +1,32 @@
-"""Shared test helpers (batches, hook snapshots, batch == single checks)."""
+"""Shared test helpers (batches, hook snapshots, batch == single checks, optional modules, one thread)."""
 
+import os
+
+import pytest
 import torch
 
 import vtprune
 from vtprune.testing import make_image, make_inputs
+
+
+def need(module: str, extra: str = "dev"):
+    """Import an optional module; skip without it, but fail in CI, where the extra must be installed."""
+    try:
+        return __import__(module)
+    except ImportError:
+        if os.environ.get("CI"):
+            pytest.fail(f"{module} is required in CI (the `{extra}` extra)")
+        pytest.skip(f"{module} not installed")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Import into a test module to run it on one torch thread: tiny models are dominated by thread
+    start-up, and on a shared 2-core machine one thread is far faster."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def _batch(proc, sizes, questions=None):

@@ -10,21 +10,13 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from vtprune.testing import make_image, tiny_llava
 
+from .helpers import need
+
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-def _need(module):
-    try:
-        return __import__(module)
-    except ImportError:
-        if os.environ.get("CI"):
-            pytest.fail(f"{module} is required in CI (the `dev`/`demo` extras)")
-        pytest.skip(f"{module} not installed")
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +71,7 @@ def _free_port():
 
 @pytest.fixture(scope="module")
 def server():
-    _need("gradio")
+    need("gradio", "demo")
     port = _free_port()
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1")
     proc = subprocess.Popen([sys.executable, "-m", "vtprune.cli", "demo", "--port", str(port)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -107,7 +99,7 @@ def server():
 
 
 def test_gradio_client(server, tmp_path):
-    gc = _need("gradio_client")
+    gc = need("gradio_client", "demo")
     png = tmp_path / "img.png"
     make_image(7).save(png)
     client = gc.Client(server, verbose=False)
@@ -120,7 +112,7 @@ def test_gradio_client(server, tmp_path):
 
 
 def test_browser(server, tmp_path):
-    _need("playwright")
+    need("playwright")
     if CHROMIUM is None:
         if os.environ.get("CI"):
             pytest.fail("Debian's chromium is required in CI (.ci/run installs it)")

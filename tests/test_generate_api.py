@@ -2,7 +2,6 @@
 passed with pixels, manual decode loops, deep copies, streamers, padding sides, packed positions."""
 
 import copy
-import warnings
 
 import pytest
 import torch

@@ -33,16 +33,9 @@ from vtprune.eval.tasks import scenes as scenes_task  # noqa: E402
 from vtprune.eval.tasks import shapes as shapes_task  # noqa: E402
 from vtprune.testing import make_image, tiny_llava, tiny_llava_next  # noqa: E402
 
+from .helpers import one_thread  # noqa: E402, F401  (autouse: one torch thread)
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models are dominated by thread start-up; on a shared 2-core machine 1 thread is ~100x faster
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def offline_env(tmp_path) -> dict:

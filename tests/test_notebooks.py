@@ -1,20 +1,12 @@
 """The notebooks run top to bottom on the offline model, and are committed without outputs."""
 
-import os
 from pathlib import Path
 
 import pytest
 
+from .helpers import need
+
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
-
-
-def _need(module):
-    try:
-        return __import__(module)
-    except ImportError:
-        if os.environ.get("CI"):
-            pytest.fail(f"{module} is required in CI (the `dev` extra)")
-        pytest.skip(f"{module} not installed")
 
 
 def test_notebooks_exist():
@@ -23,9 +15,9 @@ def test_notebooks_exist():
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_runs(path, tmp_path):
-    nbformat = _need("nbformat")
-    _need("nbclient")
-    _need("ipykernel")
+    nbformat = need("nbformat")
+    need("nbclient")
+    need("ipykernel")
     from nbclient import NotebookClient
 
     nb = nbformat.read(path, as_version=4)

@@ -9,11 +9,12 @@ import os
 import sys
 
 import pytest
-import torch
 
 from vtprune import cli
 from vtprune.errors import VTPruneError
 from vtprune.eval import sweep
+
+from .helpers import one_thread  # noqa: F401  (autouse: one torch thread)
 
 HAS_LMMS = importlib.util.find_spec("lmms_eval") is not None
 NO_LMMS = 'lmms-eval is not installed: pip install -e ".[eval]" && pip install --no-deps lmms-eval==0.7.3 (docs/EVAL.md)'
@@ -21,14 +22,6 @@ needs_lmms = pytest.mark.skipif(not HAS_LMMS, reason=NO_LMMS)
 if os.environ.get("CI") and not HAS_LMMS:
     # CI installs lmms-eval: there, a missing install is a broken CI setup, not a reason to skip
     pytest.fail(f"CI is set but {NO_LMMS}", pytrace=False)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _args(*argv):
