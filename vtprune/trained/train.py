@@ -26,8 +26,9 @@ which stay near the answer prior (docs/TRAINED.md). The NeXT variant starts from
 model (tower and projector) and is compiled for AnyRes features (base + two 336 crops, HF's own
 `pack_image_features`; two centre tokens per object).
 
-Everything is seeded; fp32; `--threads` (default 1, which reproduces the shipped weights bit for bit)
-sets torch's intra-op threads.
+Everything is seeded; fp32; `--threads` (default 1, which reproduces the shipped weights bit for bit
+on the CPU that trained them; another CPU's kernels sum in another order, and the result lands within
+the ±2-point bar instead, see docs/TRAINED.md "Reproduction") sets torch's intra-op threads.
 """
 
 from __future__ import annotations
@@ -1556,7 +1557,7 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True)
     ap.add_argument("--init", help="llava15 model dir to start from (required for llava_next; skips stage A for llava15)")
-    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads; 1 (default) reproduces the shipped weights bit for bit (33 min for both variants); 2 is faster but sums in another order")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads; 1 (default) reproduces the shipped weights bit for bit on the CPU that trained them (28-61 min for both variants, measured); 2 is faster but sums in another order")
     ap.add_argument("--scenes-a", type=int, default=2000, help="training scenes rendered for stage A")
     ap.add_argument("--steps-a1", type=int, default=1500, help="A1: steps of the neighbour layers (0-7) on whole images")
     ap.add_argument("--batch-a1", type=int, default=8, help="whole images per A1 step")
