@@ -521,6 +521,23 @@ def test_stage_a3_trains_only_the_last_layer_and_leaves_llava_features_bit_exact
     assert all(p.requires_grad for p in tower.parameters())  # left trainable, as stage A leaves it
 
 
+@pytest.mark.parametrize("start", ["layer22", "own"])
+def test_stage_a3_start(start):
+    """`--a3-init own` (default) keeps stage A's last layer as A3's start; `layer22` starts it as a
+    copy of the layer below. With no steps, that start is what A3 leaves."""
+    import argparse
+
+    tower = _trained_like(_tower())
+    layers = tower.encoder.layers
+    below = {k: v.clone() for k, v in layers[-2].state_dict().items()}
+    own = {k: v.clone() for k, v in layers[-1].state_dict().items()}
+    assert any(not torch.equal(below[k], own[k]) for k in below)
+    args = argparse.Namespace(seed=0, scenes_a3=4, steps_a3=0, lr_a3=3e-3, val_a=2, a3_init=start)
+    train.stage_a3(tower, args)
+    want = below if start == "layer22" else own
+    assert all(torch.equal(v, want[k]) for k, v in layers[-1].state_dict().items())
+
+
 @pytest.mark.parametrize("variant", trained.VARIANTS)
 def test_shipped_towers_last_layer_cls_attends_to_objects(variant):
     """GlobalCom² and MustDrop rank by the last tower layer's CLS attention: on the shipped weights

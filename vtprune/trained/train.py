@@ -626,8 +626,10 @@ def stage_a3(tower, args) -> dict:
     (the output of layer 22), so A3 trains only the last layer and `post_layernorm` on cached
     layer-22 outputs, with layers 0-22 frozen: the LLM's input is unchanged. The CLS output, through
     `post_layernorm` and a linear head (not saved), predicts colour x shape presence and per-shape
-    counts (`image_loss`), as in A2. Own seeds: the same tower gives the same last layer whether
-    stage A ran in this process or was loaded (--init with --a3-on-init)."""
+    counts (`image_loss`), as in A2. The last layer starts from stage A's weights (`--a3-init own`,
+    the default) or, experimentally, as a copy of layer 22 (`layer22`). Own seeds: the same tower
+    gives the same last layer whether stage A ran in this process or was loaded (--init with
+    --a3-on-init)."""
     torch.manual_seed(args.seed + 3)
     rng = random.Random(args.seed + 3)
     t0 = time.time()
@@ -650,6 +652,11 @@ def stage_a3(tower, args) -> dict:
     img = [torch.from_numpy(np.stack(z)) for z in zip(*(crop_image_targets(t, 0, 0, GRID) for t in data))]
     log(f"A3 cached the last layer's input for {len(data)} + {len(val)} scenes in {time.time() - t0:.0f}s")
     layer = tower.encoder.layers[-1]
+    if getattr(args, "a3_init", "own") == "layer22":
+        # start from a copy of the layer below (experimental): its CLS mass on objects comes out at
+        # 0.89-0.91 on two stage-A towers where stage A's own last layer gives 0.59-0.96, but
+        # GlobalCom² does worse on it (docs/TRAINED.md "Reproduction")
+        layer.load_state_dict(tower.encoder.layers[-2].state_dict())
     head = nn.Linear(tower.config.hidden_size, len(PAIRS) + len(S.SHAPES) * (S.MAX_COUNT + 1))
     for p in tower.parameters():
         p.requires_grad_(False)
@@ -1568,6 +1575,7 @@ def main(argv=None):
     ap.add_argument("--steps-a3", type=int, default=1200, help="A3: steps of the last encoder layer alone on the image-level CLS objective (layers 0-22 frozen; 0 = skip)")
     ap.add_argument("--scenes-a3", type=int, default=600, help="A3: training scenes whose last-layer inputs are cached")
     ap.add_argument("--lr-a3", type=float, default=3e-3)
+    ap.add_argument("--a3-init", choices=["own", "layer22"], default="own", help="A3 starts the last layer from stage A's own weights (default, the shipped recipe) or from a copy of layer 22 (experimental: steadier CLS mass on objects, weaker GlobalCom²; docs/TRAINED.md)")
     ap.add_argument("--a3-on-init", action="store_true", help="llava15 with --init: run A3 on the loaded tower (by default --init keeps its tower as it is)")
     ap.add_argument("--val-a", type=int, default=40, help="validation scenes for the stage A report")
     ap.add_argument("--stage-b", choices=["compiled", "learned"], default="compiled", help="compiled: fitted projector + the LLM circuit written by construction (circuit.py), then --steps-b answer-loss steps (default 0); learned: the earlier recipes (supervised attention etc., docs/TRAINED.md), which stay near the answer prior")
