@@ -15,15 +15,7 @@ from vtprune.errors import VTPruneError
 from vtprune.eval import bench as B
 from vtprune.eval import flops as F
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: tiny models gain nothing from two, and on a loaded machine two threads
-    that wait for each other make a 30 ms forward take seconds."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from .helpers import one_thread  # noqa: F401  (autouse: one torch thread)
 
 
 @pytest.fixture(scope="module")
