@@ -68,6 +68,46 @@ def test_recipe_output_loads_offline_from_its_files(recipe, variant, monkeypatch
         assert unk not in processor.tokenizer(q)["input_ids"], q
 
 
+def test_recipe_projector_is_the_fitted_one_and_llava_next_keeps_it_frozen(recipe):
+    """The learned stage B (the default) fits the projector to the patch labels with a constant
+    channel of PROJ_CONST (a learned LLM cannot read one-hot bits riding on the compiled LLM's 16)
+    and never trains it: the NeXT model, fine-tuned from the LLaVA-1.5 one, carries it bit for bit."""
+    from vtprune.trained import circuit
+
+    m15, _ = trained.load("llava15", directory=recipe / "llava15")
+    mnx, _ = trained.load("llava_next", directory=recipe / "llava_next")
+    p15, pnx = m15.model.multi_modal_projector, mnx.model.multi_modal_projector
+    assert p15.linear_2.bias[circuit.C_ONE].item() == train.PROJ_CONST != circuit.CONST
+    for a, b in zip(p15.parameters(), pnx.parameters()):
+        assert torch.equal(a, b)
+    # while the NeXT LLM did move
+    assert not torch.equal(m15.model.language_model.layers[5].mlp.down_proj.weight, mnx.model.language_model.layers[5].mlp.down_proj.weight)
+
+
+def test_learned_stage_b_param_groups():
+    """The look-up layers' queries and keys learn at qk_lr_b x the rate, the layers above at
+    deep_lr_b x; a frozen projector and the tower are not trained at all."""
+    import argparse
+
+    tok = train.build_tokenizer()
+    model = train.build_model(tok, False)
+    for p in model.model.multi_modal_projector.parameters():
+        p.requires_grad_(False)
+    groups = train.learned_param_groups(model, argparse.Namespace(qk_lr_b=10.0, deep_lr_b=0.5))
+    mult = {id(p): g["mult"] for g in groups for p in g["params"]}
+    assert sum(len(g["params"]) for g in groups) == len(mult)  # no parameter twice
+    layers = model.model.language_model.layers
+    for j in range(train.VO_LAYERS):
+        assert mult[id(layers[j].self_attn.q_proj.weight)] == mult[id(layers[j].self_attn.k_proj.weight)] == 10.0
+        assert mult[id(layers[j].self_attn.v_proj.weight)] == mult[id(layers[j].mlp.up_proj.weight)] == 1.0
+    assert mult[id(layers[train.VO_LAYERS].self_attn.q_proj.weight)] == 0.5
+    assert mult[id(model.lm_head.weight)] == mult[id(model.model.language_model.embed_tokens.weight)] == 1.0
+    assert not any(id(p) in mult for p in model.model.multi_modal_projector.parameters())
+    assert not any(id(p) in mult for p in model.model.vision_tower.parameters())
+    trainable = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("model.vision_tower")]
+    assert len(trainable) == len(mult)
+
+
 def test_llava15_keep_all_equals_unpatched_and_pruning_runs(recipe):
     model, processor = trained.load("llava15", directory=recipe / "llava15")
     sc = S.scenes("test", 2, "llava15")

@@ -101,9 +101,10 @@ def _targets(scene_list):
     return onehot
 
 
-def fit_projector(model, feats, scene_list, steps: int = 400, val=None, log=print, centre_weight: float = 4.0) -> dict:
+def fit_projector(model, feats, scene_list, steps: int = 400, val=None, log=print, centre_weight: float = 4.0, const: float = CONST) -> dict:
     """Fit the one-vs-rest read-out on cached layer -2 features (`feats`: per scene (1, 576, d)) of
-    `scene_list` and write the projector (see the module doc). Returns per-patch accuracy of the
+    `scene_list` and write the projector (see the module doc; `const`: the constant channel, `CONST`
+    for the compiled LLM, whose RMSNorms it pins; the learned stage B uses 1, see `train.stage_b`). Returns per-patch accuracy of the
     projected tokens on `val` = (feats, scenes) (or on the fitting scenes): colour / shape on object
     patches, and centre precision / recall."""
     from .train import NPOS, OMEGA_X, OMEGA_Y, P_RES
@@ -146,7 +147,7 @@ def fit_projector(model, feats, scene_list, steps: int = 400, val=None, log=prin
             u = 2 * n_cls + j
             l1w[u, ch], l1b[u] = 1.0 / P_RES, 10.0
             l2w[C_X + j, u], l2b[C_X + j] = 1.0, -10.0
-        l2b[C_ONE] = CONST
+        l2b[C_ONE] = const
         proj.linear_1.weight.copy_(l1w)
         proj.linear_1.bias.copy_(l1b)
         proj.linear_2.weight.copy_(l2w)

@@ -15,16 +15,17 @@ whole images, through `local_forward` (the HF forward restricted to each query's
 see the comment above `position_code`). A quarter of the images are LLaVA-NeXT scenes squashed to
 336x336 (what the NeXT base image looks like), so the same tower serves both variants.
 
-Stage B (default `--stage-b compiled`, `stage_b_compiled`) freezes the tower, caches its layer -2
-patch features for 200 training scenes, fits the projector to the patch labels (`circuit.fit_projector`:
-one-hot colour / shape / centre tokens) and writes the LLM's look-up circuit into a small Llama
-(16 layers, width 64, RoPE theta 1e6, word-level tokenizer built from `vtprune.scenes.corpus()`;
-`circuit.compile_llm`), then optionally trains projector + LLM with the answer loss (`--steps-b`,
-default 0: it lowers count accuracy). `--stage-b learned` runs the earlier recipes (LLaVA-style
-multi-turn answer loss plus supervised attention, `init_value_paths`, `align_projector`, curricula),
-which stay near the answer prior (docs/TRAINED.md). The NeXT variant starts from the LLaVA-1.5
-model (tower and projector) and is compiled for AnyRes features (base + two 336 crops, HF's own
-`pack_image_features`; two centre tokens per object).
+Stage B (default `--stage-b learned`, `stage_b`) freezes the tower, caches its layer -2 patch
+features for 200 training scenes and fits the projector to the patch labels (`circuit.fit_projector`:
+one-hot colour / shape / centre tokens, LLaVA's stage 1 with labels for captions), which then stays
+frozen. A small Llama (16 layers, width 64, RoPE theta 1e6, word-level tokenizer built from
+`vtprune.scenes.corpus()`) is trained from scratch, LLaVA-style: multi-turn conversations about
+fresh scenes, answer loss, plus a supervised-attention loss on its two look-up hops (layer 0: the
+question's words look up their objects; layer 1: the answer position finds the words), 800 steps.
+The NeXT variant starts from the LLaVA-1.5 model (tower, projector, LLM) and fine-tunes the LLM on
+AnyRes features (base + two 336 crops, HF's own `pack_image_features`). `--stage-b compiled`
+(`stage_b_compiled`) instead writes the look-up circuit into the LLM's weights (`circuit.compile_llm`;
+what shipped before the learned recipe worked, docs/TRAINED.md).
 
 Everything is seeded; fp32; `--threads` (default 1, which reproduces the shipped weights bit for bit
 on the CPU that trained them; another CPU's kernels sum in another order, and the result lands within
@@ -1238,6 +1239,7 @@ def align_projector(model, feats, scene_list, steps: int = 300, val=None) -> dic
 
 
 VO_LAYERS = 2  # the decoder layers attention_loss supervises
+PROJ_CONST = 1.0  # the fitted projector's constant channel for a learned LLM (`--proj-init 3`)
 
 
 def init_value_paths(model, scale: float = 1.0, n_layers: int = VO_LAYERS, same_slices: bool = True, aligned: bool = False) -> None:
@@ -1284,6 +1286,28 @@ def freeze_tower(model):
     return tower
 
 
+def learned_param_groups(model, args) -> list[dict]:
+    """AdamW parameter groups of the learned stage B: every trainable parameter outside the tower (a
+    frozen projector, `--proj-init 3`, is left out), each group with its learning-rate multiplier
+    `mult`. The supervised look-ups' queries and keys (decoder layers 0..VO_LAYERS-1) learn at
+    `qk_lr_b` x the rate: a look-up that puts most of its mass on ~10 of 600 tokens needs logits ~6
+    apart, far from AdamW's ~lr-per-weight steps from a std-0.02 start (at 1x the shape look-up
+    stalled at 0.34 of its target; at 10x it passes 0.6 within 100 steps). The layers above them
+    (`deep`) can start later (`deep_start_b`) and at `deep_lr_b` x the rate: AdamW moves each of their
+    zero-initialised residual branches by ~lr per weight per step from step 0, and 14 such layers add
+    noise to the residual stream before the hops below them have formed."""
+    layers = model.model.language_model.layers
+    params = [p for n, p in model.named_parameters() if not n.startswith("model.vision_tower") and p.requires_grad]
+    deep_ids = {id(p) for layer in layers[VO_LAYERS:] for p in layer.parameters()}
+    qk_ids = {id(w) for layer in layers[:VO_LAYERS] for w in (layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight)}
+    groups = [
+        dict(params=[p for p in params if id(p) not in deep_ids | qk_ids], mult=1.0),
+        dict(params=[p for p in params if id(p) in qk_ids], mult=getattr(args, "qk_lr_b", None) or 1.0),
+        dict(params=[p for p in params if id(p) in deep_ids], mult=getattr(args, "deep_lr_b", 1.0), deep=True),
+    ]
+    return [g for g in groups if g["params"]]
+
+
 def stage_b(model, tok, proc, args, rng: random.Random, next_: bool):
     variant = "llava_next" if next_ else "llava15"
     tower = freeze_tower(model)
@@ -1314,21 +1338,31 @@ def stage_b(model, tok, proc, args, rng: random.Random, next_: bool):
         init_projector(model, feats[:200])
     elif proj_init == 2 and not next_:
         align_projector(model, feats[: args.align_scenes], train_sc[: args.align_scenes], val=(vfeats, val_sc))
+    elif proj_init == 3 and not next_:
+        # LLaVA's stage 1 as a supervised fit: the projector becomes the one-vs-rest read-out of the
+        # patch labels (one-hot colour / shape / centre tokens, circuit.fit_projector) with a constant
+        # channel of PROJ_CONST. The compiled LLM wants 16 there (it pins its RMSNorms); a learned one
+        # cannot read content riding on it (after RMSNorm the one-hot bits are 1/16 of the token and
+        # colour stayed at chance through 400 steps; with 1 it is learnt in 300, docs "Seventh attempt")
+        from . import circuit
+
+        circuit.fit_projector(model, feats[: args.align_scenes], train_sc[: args.align_scenes], val=(vfeats, val_sc), log=log, const=PROJ_CONST)
+    if proj_init == 3:
+        # the projector stays as fitted (LLaVA-NeXT: as the LLaVA-1.5 model it starts from has it)
+        for p in model.model.multi_modal_projector.parameters():
+            p.requires_grad_(False)
     if args.lookup_init and not next_:
         init_lookup(model, tok, feats[: args.lookup_scenes], train_sc[: args.lookup_scenes])
         log("B look-up initialisation done")
     if vo:
         init_value_paths(model, vo, aligned=getattr(args, "vo_aligned", 0) and proj_init == 2)
     log(f"B cached {len(feats)} train + {len(vfeats)} val images in {time.time() - t0:.0f}s")
-    params = [p for n, p in model.named_parameters() if not n.startswith("model.vision_tower")]
-    # the decoder layers above the supervised hops can start later and at a lower rate: AdamW moves
-    # each of their zero-initialised residual branches by ~lr per weight per step from step 0, and
-    # 14 such layers add noise to the residual stream before the hops below them have formed
-    deep_ids = {id(p) for j, layer in enumerate(model.model.language_model.layers) if j >= VO_LAYERS for p in layer.parameters()}
+    groups = learned_param_groups(model, args)
+    in_groups = {id(p) for g in groups for p in g["params"]}
+    params = [p for p in model.parameters() if id(p) in in_groups]  # model order: clip_grad_norm_ sums in it
     deep_start = int(getattr(args, "deep_start_b", 0.0) * args.steps_b)
-    deep_lr = getattr(args, "deep_lr_b", 1.0)
     opt = torch.optim.AdamW(
-        [dict(params=[p for p in params if id(p) not in deep_ids], mult=1.0), dict(params=[p for p in params if id(p) in deep_ids], mult=deep_lr, deep=True)],
+        groups,
         lr=args.lr_b,
         weight_decay=0.01,
         betas=(0.9, 0.98),
@@ -1578,7 +1612,7 @@ def main(argv=None):
     ap.add_argument("--a3-init", choices=["own", "layer22"], default="own", help="A3 starts the last layer from stage A's own weights (default, the shipped recipe) or from a copy of layer 22 (experimental: steadier CLS mass on objects, weaker GlobalCom²; docs/TRAINED.md)")
     ap.add_argument("--a3-on-init", action="store_true", help="llava15 with --init: run A3 on the loaded tower (by default --init keeps its tower as it is)")
     ap.add_argument("--val-a", type=int, default=40, help="validation scenes for the stage A report")
-    ap.add_argument("--stage-b", choices=["compiled", "learned"], default="compiled", help="compiled: fitted projector + the LLM circuit written by construction (circuit.py), then --steps-b answer-loss steps (default 0); learned: the earlier recipes (supervised attention etc., docs/TRAINED.md), which stay near the answer prior")
+    ap.add_argument("--stage-b", choices=["learned", "compiled"], default="learned", help="learned (default): fitted projector (frozen, constant channel PROJ_CONST), then the LLM trained from scratch on LLaVA-style conversations with supervised attention on its two look-up hops (docs/TRAINED.md, seventh attempt); compiled: fitted projector + the LLM circuit written by construction (circuit.py), then --steps-b answer-loss steps (default 0)")
     ap.add_argument("--fit-scenes", type=int, default=200, help="compiled stage B: cached training scenes the projector is fitted on and the LLM trained on")
     ap.add_argument("--count-scenes", type=int, default=None, help="compiled stage B: training scenes whose count questions the count thresholds are fitted on (calibrate_count; default 200, llava_next 100; 0 = the compiled thresholds)")
     ap.add_argument("--centres-b", type=int, default=None, help="compiled stage B: centre tokens per object the count look-up expects (default 1; llava_next: base image + crops)")
@@ -1592,7 +1626,7 @@ def main(argv=None):
     ap.add_argument("--att-b", type=float, default=1.0, help="weight of the supervised attention loss (attention_loss; LLaVA-1.5 only; 0 = off)")
     ap.add_argument("--vo-init", type=float, default=1.0, help="value/output init of decoder layers 0-1 (init_value_paths; 0 = off)")
     ap.add_argument("--vo-aligned", type=int, default=0, help="init_value_paths copies align_projector's channels (colour/shape/centre, position) instead of random slices")
-    ap.add_argument("--proj-init", type=int, default=2, help="projector start: 2 = fitted to the patch labels (align_projector), 1 = a standardisation of the features (init_projector), 0 = random")
+    ap.add_argument("--proj-init", type=int, default=3, help="learned stage B, projector: 3 = the one-vs-rest read-out of the patch labels (circuit.fit_projector, constant channel PROJ_CONST), frozen (default); 2 = fitted by align_projector and trained; 1 = a standardisation of the features (init_projector); 0 = random")
     ap.add_argument("--align-scenes", type=int, default=200, help="cached scenes align_projector fits on")
     ap.add_argument("--objects-step", type=int, default=0, help="object curriculum: the LLM sees at most 1 + step // N objects' tokens (0 = off)")
     ap.add_argument("--deep-start-b", type=float, default=0.0, help="fraction of stage B before the decoder layers above the supervised hops train")
@@ -1601,7 +1635,8 @@ def main(argv=None):
     ap.add_argument("--aux-b", type=int, default=1, help="answer targets from the shape word on (1) or on the answer only (0)")
     ap.add_argument("--per-type", type=int, default=4, help="questions per type in each training conversation")
     ap.add_argument("--cache-b", type=int, default=None, help="training scenes whose features are cached (with --stream-b: those align_projector fits on)")
-    ap.add_argument("--stream-b", type=int, default=0, help="LLaVA-1.5 stage B on fresh scenes every step (tower run per step) instead of the cache")
+    ap.add_argument("--stream-b", type=int, default=1, help="learned LLaVA-1.5 stage B on fresh scenes every step (tower run per step) after the cached ones (default 1; 0 = the cache only)")
+    ap.add_argument("--qk-lr-b", type=float, default=None, help="learned stage B: learning-rate multiplier of the supervised look-up layers' queries and keys (decoder layers 0-1; default 10, llava_next 1: it fine-tunes look-ups that are already learnt, without attention supervision)")
     ap.add_argument("--val-b", type=int, default=None)
     ap.add_argument("--eval-every", type=int, default=None)
     ap.add_argument("--tower-only", action="store_true", help="stop after stage A (saves the model with an untrained LLM)")
@@ -1614,13 +1649,14 @@ def main(argv=None):
         args.lr_b = args.lr_b or LR_COMPILED
         args.centres_b = args.centres_b or (CENTRES_NEXT if next_ else 1)
     else:
-        args.steps_b = args.steps_b or (24 if next_ else 150)
+        args.steps_b = args.steps_b or (60 if next_ else 800)
         args.batch_b = args.batch_b or (4 if next_ else 8)
         args.lr_b = args.lr_b or (1e-3 if next_ else 2e-3)
-    args.cache_b = args.cache_b or (120 if next_ else 1000)
+        args.qk_lr_b = args.qk_lr_b or (1.0 if next_ else 10.0)
+    args.cache_b = args.cache_b or (120 if next_ else args.align_scenes if args.stream_b else 1000)
     args.val_b = args.val_b or (40 if next_ else 100)
     args.count_scenes = (100 if next_ else 200) if args.count_scenes is None else args.count_scenes
-    args.eval_every = args.eval_every or (12 if next_ else 50)
+    args.eval_every = args.eval_every or (20 if next_ else 200)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
@@ -1632,8 +1668,12 @@ def main(argv=None):
         from transformers import AutoModelForImageTextToText
 
         src = AutoModelForImageTextToText.from_pretrained(args.init, dtype=torch.float32)
-        missing, unexpected = model.load_state_dict(src.state_dict(), strict=False)
-        log(f"init from {args.init}; new parameters: {missing}")
+        state = src.state_dict()
+        if args.stage_b == "learned" and not next_:
+            # a learned LLaVA-1.5 stage B takes only the tower; projector and LLM start fresh
+            state = {k: v for k, v in state.items() if k.startswith("model.vision_tower.")}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        log(f"init from {args.init}; new parameters: " + (str(missing) if len(missing) <= 5 else f"{len(missing)} (projector and LLM)"))
         if next_:
             with torch.no_grad():
                 model.model.image_newline.normal_(0, 1.0 / math.sqrt(TEXT["hidden_size"]))
