@@ -1649,14 +1649,14 @@ def main(argv=None):
         args.lr_b = args.lr_b or LR_COMPILED
         args.centres_b = args.centres_b or (CENTRES_NEXT if next_ else 1)
     else:
-        args.steps_b = args.steps_b or (60 if next_ else 800)
+        args.steps_b = args.steps_b or (150 if next_ else 800)
         args.batch_b = args.batch_b or (4 if next_ else 8)
         args.lr_b = args.lr_b or (1e-3 if next_ else 2e-3)
         args.qk_lr_b = args.qk_lr_b or (1.0 if next_ else 10.0)
     args.cache_b = args.cache_b or (120 if next_ else args.align_scenes if args.stream_b else 1000)
     args.val_b = args.val_b or (40 if next_ else 100)
     args.count_scenes = (100 if next_ else 200) if args.count_scenes is None else args.count_scenes
-    args.eval_every = args.eval_every or (20 if next_ else 200)
+    args.eval_every = args.eval_every or (50 if next_ else 200)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
