@@ -1300,8 +1300,9 @@ def learned_param_groups(model, args) -> list[dict]:
     params = [p for n, p in model.named_parameters() if not n.startswith("model.vision_tower") and p.requires_grad]
     deep_ids = {id(p) for layer in layers[VO_LAYERS:] for p in layer.parameters()}
     qk_ids = {id(w) for layer in layers[:VO_LAYERS] for w in (layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight)}
+    special = deep_ids | qk_ids
     groups = [
-        dict(params=[p for p in params if id(p) not in deep_ids | qk_ids], mult=1.0),
+        dict(params=[p for p in params if id(p) not in special], mult=1.0),
         dict(params=[p for p in params if id(p) in qk_ids], mult=getattr(args, "qk_lr_b", None) or 1.0),
         dict(params=[p for p in params if id(p) in deep_ids], mult=getattr(args, "deep_lr_b", 1.0), deep=True),
     ]
