@@ -84,6 +84,22 @@ def test_recipe_projector_is_the_fitted_one_and_llava_next_keeps_it_frozen(recip
     assert not torch.equal(m15.model.language_model.layers[5].mlp.down_proj.weight, mnx.model.language_model.layers[5].mlp.down_proj.weight)
 
 
+def test_llava_next_attention_supervision_options_run(recipe, tmp_path, capsys):
+    """The eighth attempt's options (supervised look-ups on the AnyRes layout, fresh scenes, hard
+    presence negatives) run end to end and report the attention on their targets; the default NeXT
+    fine-tune (the shipped recipe) has no attention term."""
+    threads = torch.get_num_threads()
+    try:
+        args = ["--variant", "llava_next", "--init", str(recipe / "llava15"), *SMOKE]
+        train.main([*args, "--out", str(tmp_path / "sup"), "--att-b", "1", "--lookup-view", "base", "--count-view", "canvas", "--stream-b", "1", "--hard-presence", "0.5"])
+        log = capsys.readouterr().out
+        assert "attention on target" in log and '"shape look-up"' in log
+        train.main([*args, "--out", str(tmp_path / "plain")])
+        assert "attention on target" not in capsys.readouterr().out
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_learned_stage_b_param_groups():
     """The look-up layers' queries and keys learn at qk_lr_b x the rate, the layers above at
     deep_lr_b x; a frozen projector and the tower are not trained at all."""
@@ -328,6 +344,59 @@ def test_stage_b_lookup_targets_follow_the_question():
     q = next(q for q in S.all_questions(reduced)["colour"] if "circle" in q.text)
     (idx, _, _), _ = train.lookup_target(sc, reduced, q, core)
     assert set(idx.tolist()) == patches(1)
+
+
+def test_next_object_masks_follow_the_packed_token_layout():
+    """LLaVA-NeXT's supervised look-ups aim at packed token positions (base image, then the crop canvas
+    row by row with a newline after each row): `next_object_masks` must agree with what the real
+    processor and `pack_image_features` put there. Each object's mask, drawn as an image, goes through
+    the processor; the per-patch maximum of its crops, packed, must light exactly the canvas tokens
+    the core says (the canvas is the scene at its own scale), and mostly the base tokens (a resize)."""
+    from PIL import Image
+
+    tok = train.build_tokenizer()
+    proc = train.build_processor(tok, True).image_processor
+    model = train.build_model(tok, True)
+    for sc in S.scenes("test", 4, "llava_next", seed=5)[:4]:
+        core, centres = train.next_object_masks(sc)
+        _, lab = sc.render(labels=True)
+        H, W = lab.shape
+        gh, gw = H // 14, W // 14
+        assert core.shape == (len(sc.objects), 576 + gh * (gw + 1))
+        for i in range(len(sc.objects)):
+            img = Image.fromarray(np.where(lab == i + 1, 255, 0).astype(np.uint8)).convert("RGB")
+            pv = proc(images=img, return_tensors="pt")["pixel_values"][0]  # views, 3, 336, 336
+            per_patch = pv[:, 0].reshape(-1, 24, 14, 24, 14).amax(dim=(2, 4)).reshape(-1, 576, 1)
+            lo = float(pv[:, 0].min())
+            packed, _ = model.model.pack_image_features([per_patch], torch.tensor([[H, W]]), "default", image_newline=torch.full((1,), lo))
+            lit = (packed[0][:, 0] > lo + 0.5 * (float(pv[:, 0].max()) - lo)).numpy()
+            assert len(lit) == core.shape[1]
+            np.testing.assert_array_equal(lit[576:], core[i, 576:], err_msg=f"canvas of object {i} in a {W}x{H} scene")
+            b, c = lit[:576], core[i, :576]
+            assert (b & c).sum() >= 0.7 * (b | c).sum(), f"base of object {i}: {(b & c).sum()} of {(b | c).sum()}"
+            assert core[i, centres[i]["canvas"]] and core[i, centres[i]["base"]]
+        newline = np.zeros(gh * (gw + 1), bool).reshape(gh, gw + 1)
+        newline[:, gw] = True
+        assert not core[:, 576:][:, newline.flatten()].any()
+
+
+def test_hard_presence_draws_conjunctions():
+    """`--hard-presence`: the presence "no" questions name a colour and a kind that are both in the
+    scene (on different objects), the case the learned LLM gets wrong; 0 draws them like the rest."""
+    import random
+
+    sc = _scene_with([("circle", "red", 60, 60), ("square", "blue", 250, 60), ("star", "green", 60, 250)])
+
+    def nos(hard):
+        rng = random.Random(0)
+        out = [q for _ in range(200) for q in train.sample_questions(sc, rng, 1, hard) if q.type == "presence" and q.answer == "no"]
+        return [train.conjunction(sc, q) for q in out]
+
+    hard, plain = nos(1.0), nos(0.0)
+    assert len(hard) > 50 and all(hard)
+    assert len(plain) > 50 and 0 < sum(plain) < 0.5 * len(plain)
+    assert train.conjunction(sc, S.Question("presence", "Is there a red square?", "no", ()))
+    assert not train.conjunction(sc, S.Question("presence", "Is there a yellow square?", "no", ()))
 
 
 def test_stage_b_sequence_marks_point_at_the_words():

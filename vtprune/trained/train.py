@@ -770,6 +770,36 @@ def grow_masks(core: np.ndarray) -> np.ndarray:
     return grown.reshape(-1, N_PATCH)
 
 
+def next_object_masks(scene: S.Scene) -> tuple[np.ndarray, list[dict]]:
+    """A LLaVA-NeXT scene's objects on its packed image tokens (`pack_image_features`, default
+    strategy): the base image (the scene resized to 336 x 336, 24 x 24 patches, first), then the crop
+    canvas row by row, each row followed by one `image_newline`. The scenes are 672 x 336 or 336 x 672,
+    a pinpoint each, so the canvas is the scene at its own scale (no resize, no padding): canvas patch
+    (r, c) is pixels [14r, 14r + 14) x [14c, 14c + 14); base patch (r, c) covers [r H/24, (r+1) H/24) x
+    [c W/24, (c+1) W/24). Returns (core (n_objects, n_tokens) bool: the tokens an object's visible
+    pixels fall in, in both views; per object {"base": centre token or None, "canvas": centre token or
+    None}, the token nearest each view's centroid of the object)."""
+    _, lab = scene.render(labels=True)
+    H, W = lab.shape
+    if H % 14 or W % 14 or H % GRID or W % GRID:
+        raise ValueError(f"next_object_masks: a {W}x{H} scene is not a 14-pixel multiple of the 24-patch base grid")
+    gh, gw = H // 14, W // 14
+    n = len(scene.objects)
+    n_tok = N_PATCH + gh * (gw + 1)
+    core = np.zeros((n, n_tok), bool)
+    centres = []
+    for i in range(n):
+        o = lab == i + 1
+        base = o.reshape(GRID, H // GRID, GRID, W // GRID).any(axis=(1, 3))
+        canvas = np.zeros((gh, gw + 1), bool)
+        canvas[:, :gw] = o.reshape(gh, 14, gw, 14).any(axis=(1, 3))
+        core[i, :N_PATCH] = base.flatten()
+        core[i, N_PATCH:] = canvas.flatten()
+        cb, cc = _centre(base.flatten(), GRID), _centre(canvas.flatten(), gw + 1)
+        centres.append({"base": cb, "canvas": None if cc is None else N_PATCH + cc})
+    return core, centres
+
+
 def object_mask(scene: S.Scene) -> np.ndarray:
     """(576,) bool: patches any object pixel falls in, grown by one patch (a LLaVA-1.5 scene)."""
     return object_masks(scene).any(axis=0)
@@ -811,21 +841,27 @@ def _spread(core: np.ndarray, objs: list[int]):
     return torch.from_numpy(m).long(), torch.full((len(m),), 1.0 / len(m)), 0.0
 
 
-def lookup_target(scene: S.Scene, asked: S.Scene, q: S.Question, core: np.ndarray):
+def lookup_target(scene: S.Scene, asked: S.Scene, q: S.Question, core: np.ndarray, centres=None):
     """Where the question's words should look in decoder layer 0 (the supervised look-up of stage B):
     (shape-word target, colour-word target or None), each (original patch indices, their weights,
     weight on the word itself). The shape word looks at every object of its kind that the LLM sees
     (colour questions: the one object; none: the word itself); for "how many", at each such object's
     centre patch and at itself, 1/(n+1) each, so the share left on the word says how many. The colour
     word (presence, side) looks at every object of its colour. `core`: `object_masks(scene,
-    grow=False)`; `asked`: the scene the question was asked about (`scene` or a reduced copy)."""
+    grow=False)`, or a LLaVA-NeXT scene's `next_object_masks` core (token positions after the image
+    start); `centres`: per object, the token positions that stand for it in a count (default: the
+    centre patch of its `core` row on the 24 x 24 grid); `asked`: the scene the question was asked
+    about (`scene` or a reduced copy)."""
     seen = [next(i for i, o in enumerate(scene.objects) if o is a) for a in asked.objects]
     words = q.text.rstrip("?").split()
     kind = next(k for k in S.SHAPES if k in words or S.plural(k) in words)
     colour = next((c for c in S.COLOURS if c in words), None)
     same = [i for i in seen if scene.objects[i].shape == kind]
     if q.type == "count":
-        idx = [c for c in (_centre(core[i]) for i in same) if c is not None]
+        if centres is None:
+            idx = [c for c in (_centre(core[i]) for i in same) if c is not None]
+        else:
+            idx = [c for i in same for c in centres[i]]
         n = len(idx)
         shape_t = (torch.tensor(idx, dtype=torch.long), torch.full((n,), 1.0 / (n + 1)), 1.0 / (n + 1))
     else:
@@ -834,12 +870,13 @@ def lookup_target(scene: S.Scene, asked: S.Scene, q: S.Question, core: np.ndarra
     return shape_t, colour_t
 
 
-def _centre(mask: np.ndarray):
-    """The patch of `mask` (576,) nearest its centroid (None if empty)."""
+def _centre(mask: np.ndarray, width: int = GRID):
+    """The patch of `mask` (a row-major grid `width` patches wide, flattened) nearest its centroid
+    (None if empty)."""
     ii = np.nonzero(mask)[0]
     if not len(ii):
         return None
-    y, x = ii // GRID, ii % GRID
+    y, x = ii // width, ii % width
     d = (y - y.mean()) ** 2 + (x - x.mean()) ** 2
     return int(ii[d.argmin()])
 
@@ -862,7 +899,20 @@ def cache(tower, proc, scene_list, next_: bool):
     return feats, sizes
 
 
-def sample_questions(scene: S.Scene, rng: random.Random, per_type: int = 2) -> list[S.Question]:
+def conjunction(scene: S.Scene, q: S.Question) -> bool:
+    """Whether presence question `q` names a colour and a kind that are both in `scene` (on
+    different objects when the answer is "no"): the case a model that does not bind colour to shape
+    gets wrong (docs/TRAINED.md, eighth attempt)."""
+    words = q.text.rstrip("?").split()
+    kind = next((k for k in S.SHAPES if k in words), None)
+    colour = next((c for c in S.COLOURS if c in words), None)
+    return any(o.shape == kind for o in scene.objects) and any(o.colour == colour for o in scene.objects)
+
+
+def sample_questions(scene: S.Scene, rng: random.Random, per_type: int = 2, hard: float = 0.0) -> list[S.Question]:
+    """`per_type` questions of each type about `scene`: presence yes/no drawn 50/50 (a "no" is, with
+    probability `hard`, one whose colour and kind are both in the scene, when there is one: `conjunction`),
+    count answers spread over 0..MAX_COUNT."""
     qs = S.all_questions(scene)
     out = []
     for t in S.QUESTION_TYPES:
@@ -874,6 +924,8 @@ def sample_questions(scene: S.Scene, rng: random.Random, per_type: int = 2) -> l
             if t == "presence":
                 want = rng.choice(["yes", "no"])
                 c = [q for q in cand if q.answer == want] or cand
+                if want == "no" and hard > 0 and rng.random() < hard:
+                    c = [q for q in c if q.answer == "no" and conjunction(scene, q)] or c
             elif t == "count":
                 target = rng.randint(0, S.MAX_COUNT)
                 gap = min(abs(int(q.answer) - target) for q in cand)
@@ -1319,10 +1371,28 @@ def stage_b(model, tok, proc, args, rng: random.Random, next_: bool):
     vfeats, vsizes = cache(tower, proc, val_sc, next_)
     val_q = S.eval_questions(val_sc)
     objects_step = getattr(args, "objects_step", 0)
-    att_w = getattr(args, "att_b", 0.0) if not next_ else 0.0
-    need = not next_ and (objects_step or args.bg_start < 1.0 or att_w > 0)
-    cores = [object_masks(sc, grow=False) for sc in train_sc] if need else None  # one render per scene
-    omasks = [grow_masks(c) for c in cores] if need else None
+    att_w = getattr(args, "att_b", 0.0) or 0.0
+    need = att_w > 0 or (not next_ and (objects_step or args.bg_start < 1.0))
+    count_view = getattr(args, "count_view", "canvas")
+    lookup_view = getattr(args, "lookup_view", "both")
+
+    def cores_of(scs):
+        """Per scene: (core object masks, count centres per object or None), one render each."""
+        if not next_:
+            return [(object_masks(sc, grow=False), None) for sc in scs]
+        out = []
+        for sc in scs:
+            core, cen = next_object_masks(sc)
+            if lookup_view != "both":  # the other view's tokens are no target of the shape / colour look-ups
+                core = core.copy()
+                core[:, N_PATCH:] = core[:, N_PATCH:] & (lookup_view == "canvas")
+                core[:, :N_PATCH] = core[:, :N_PATCH] & (lookup_view == "base")
+            views = ("base", "canvas") if count_view == "both" else (count_view,)
+            out.append((core, [[c[v] for v in views if c[v] is not None] for c in cen]))
+        return out
+
+    cores = cores_of(train_sc) if need else None
+    omasks = [grow_masks(c) for c, _ in cores] if need and not next_ else None
     masks = None if next_ or args.bg_start >= 1.0 else [m.any(axis=0) for m in omasks]
     vo = getattr(args, "vo_init", 0.0) if not next_ else 0.0
     if not next_ and args.zero_init_b:
@@ -1370,7 +1440,7 @@ def stage_b(model, tok, proc, args, rng: random.Random, next_: bool):
     )
 
     stream = None
-    if getattr(args, "stream_b", 0) and not next_:
+    if getattr(args, "stream_b", 0):
 
         def _fresh(start):  # the training scenes after the cached ones, in chunks
             while True:
@@ -1398,8 +1468,9 @@ def stage_b(model, tok, proc, args, rng: random.Random, next_: bool):
             sizes += z
             train_sc += fresh
             if need:
-                cores += [object_masks(sc, grow=False) for sc in fresh]
-                omasks += [grow_masks(c) for c in cores[-bs:]]
+                cores += cores_of(fresh)
+                if omasks is not None:
+                    omasks += [grow_masks(c) for c, _ in cores[-bs:]]
                 if masks is not None:
                     masks += [m.any(axis=0) for m in omasks[-bs:]]
         else:
@@ -1421,10 +1492,10 @@ def stage_b(model, tok, proc, args, rng: random.Random, next_: bool):
         else:
             asked = [train_sc[j] for j in idx]
             keep = curriculum_keep(masks, idx, p_bg, rng)
-        qsets = [sample_questions(sc, rng, args.per_type) for sc in asked]
+        qsets = [sample_questions(sc, rng, args.per_type, getattr(args, "hard_presence", 0.0)) for sc in asked]
         att = None
         if att_w > 0:
-            att = (att_w, [[lookup_target(train_sc[j], sc, q, cores[j]) for q in qs] for j, sc, qs in zip(idx, asked, qsets)])
+            att = (att_w, [[lookup_target(train_sc[j], sc, q, *cores[j]) for q in qs] for j, sc, qs in zip(idx, asked, qsets)])
         loss, _ = lm_loss(model, tok, seqb, [feats[j] for j in idx], [sizes[j] for j in idx], qsets, next_, keep=keep, att=att)
         opt.zero_grad()
         loss.backward()
@@ -1624,7 +1695,10 @@ def main(argv=None):
     ap.add_argument("--bg-full", type=float, default=0.6, help="fraction of stage B after which every patch is kept")
     ap.add_argument("--lookup-init", type=int, default=0, help="start the LLM with word/patch similarity heads (init_lookup)")
     ap.add_argument("--lookup-scenes", type=int, default=200)
-    ap.add_argument("--att-b", type=float, default=1.0, help="weight of the supervised attention loss (attention_loss; LLaVA-1.5 only; 0 = off)")
+    ap.add_argument("--att-b", type=float, default=None, help="weight of the supervised attention loss (attention_loss; default 1, llava_next 0: its targets on the AnyRes layout, next_object_masks, did not help, docs/TRAINED.md eighth attempt; 0 = off)")
+    ap.add_argument("--hard-presence", type=float, default=0.0, help="learned stage B: share of the presence 'no' questions drawn from those whose colour and kind are both in the scene (train.conjunction; 0 = drawn like the rest)")
+    ap.add_argument("--lookup-view", choices=["both", "base", "canvas"], default="both", help="llava_next attention supervision: the view whose object tokens the shape and colour words' look-ups (all but count questions) are taught to find")
+    ap.add_argument("--count-view", choices=["canvas", "base", "both"], default="canvas", help="llava_next attention supervision: the view whose object centres a count question's look-up is taught to find (canvas = the crops, the scene at its own scale)")
     ap.add_argument("--vo-init", type=float, default=1.0, help="value/output init of decoder layers 0-1 (init_value_paths; 0 = off)")
     ap.add_argument("--vo-aligned", type=int, default=0, help="init_value_paths copies align_projector's channels (colour/shape/centre, position) instead of random slices")
     ap.add_argument("--proj-init", type=int, default=3, help="learned stage B, projector: 3 = the one-vs-rest read-out of the patch labels (circuit.fit_projector, constant channel PROJ_CONST), frozen (default); 2 = fitted by align_projector and trained; 1 = a standardisation of the features (init_projector); 0 = random")
@@ -1636,8 +1710,8 @@ def main(argv=None):
     ap.add_argument("--aux-b", type=int, default=1, help="answer targets from the shape word on (1) or on the answer only (0)")
     ap.add_argument("--per-type", type=int, default=4, help="questions per type in each training conversation")
     ap.add_argument("--cache-b", type=int, default=None, help="training scenes whose features are cached (with --stream-b: those align_projector fits on)")
-    ap.add_argument("--stream-b", type=int, default=1, help="learned LLaVA-1.5 stage B on fresh scenes every step (tower run per step) after the cached ones (default 1; 0 = the cache only)")
-    ap.add_argument("--qk-lr-b", type=float, default=None, help="learned stage B: learning-rate multiplier of the supervised look-up layers' queries and keys (decoder layers 0-1; default 10, llava_next 1: it fine-tunes look-ups that are already learnt, without attention supervision)")
+    ap.add_argument("--stream-b", type=int, default=None, help="learned stage B on fresh scenes every step (tower run per step) after the cached ones (default 1 for llava15, 0 for llava_next: 120 cached scenes; 0 = the cache only)")
+    ap.add_argument("--qk-lr-b", type=float, default=None, help="learned stage B: learning-rate multiplier of the supervised look-up layers' queries and keys (decoder layers 0-1; default 10, llava_next 1: it fine-tunes look-ups that are already learnt)")
     ap.add_argument("--val-b", type=int, default=None)
     ap.add_argument("--eval-every", type=int, default=None)
     ap.add_argument("--tower-only", action="store_true", help="stop after stage A (saves the model with an untrained LLM)")
@@ -1654,6 +1728,8 @@ def main(argv=None):
         args.batch_b = args.batch_b or (4 if next_ else 8)
         args.lr_b = args.lr_b or (1e-3 if next_ else 2e-3)
         args.qk_lr_b = args.qk_lr_b or (1.0 if next_ else 10.0)
+        args.att_b = (0.0 if next_ else 1.0) if args.att_b is None else args.att_b
+    args.stream_b = int(not next_) if args.stream_b is None else args.stream_b
     args.cache_b = args.cache_b or (120 if next_ else args.align_scenes if args.stream_b else 1000)
     args.val_b = args.val_b or (40 if next_ else 100)
     args.count_scenes = (100 if next_ else 200) if args.count_scenes is None else args.count_scenes
