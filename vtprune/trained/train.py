@@ -853,9 +853,7 @@ def lookup_target(scene: S.Scene, asked: S.Scene, q: S.Question, core: np.ndarra
     centre patch of its `core` row on the 24 x 24 grid); `asked`: the scene the question was asked
     about (`scene` or a reduced copy)."""
     seen = [next(i for i, o in enumerate(scene.objects) if o is a) for a in asked.objects]
-    words = q.text.rstrip("?").split()
-    kind = next(k for k in S.SHAPES if k in words or S.plural(k) in words)
-    colour = next((c for c in S.COLOURS if c in words), None)
+    kind, colour = question_words(q)
     same = [i for i in seen if scene.objects[i].shape == kind]
     if q.type == "count":
         if centres is None:
@@ -899,13 +897,18 @@ def cache(tower, proc, scene_list, next_: bool):
     return feats, sizes
 
 
+def question_words(q: S.Question) -> tuple[str, str | None]:
+    """(the kind a question names, singular, and its colour or None)."""
+    words = q.text.rstrip("?").split()
+    kind = next(k for k in S.SHAPES if k in words or S.plural(k) in words)
+    return kind, next((c for c in S.COLOURS if c in words), None)
+
+
 def conjunction(scene: S.Scene, q: S.Question) -> bool:
     """Whether presence question `q` names a colour and a kind that are both in `scene` (on
     different objects when the answer is "no"): the case a model that does not bind colour to shape
     gets wrong (docs/TRAINED.md, eighth attempt)."""
-    words = q.text.rstrip("?").split()
-    kind = next((k for k in S.SHAPES if k in words), None)
-    colour = next((c for c in S.COLOURS if c in words), None)
+    kind, colour = question_words(q)
     return any(o.shape == kind for o in scene.objects) and any(o.colour == colour for o in scene.objects)
 
 
