@@ -1386,10 +1386,11 @@ def stage_b(model, tok, proc, args, rng: random.Random, next_: bool):
         out = []
         for sc in scs:
             core, cen = next_object_masks(sc)
-            if lookup_view != "both":  # the other view's tokens are no target of the shape / colour look-ups
-                core = core.copy()
-                core[:, N_PATCH:] = core[:, N_PATCH:] & (lookup_view == "canvas")
-                core[:, :N_PATCH] = core[:, :N_PATCH] & (lookup_view == "base")
+            # the other view's tokens are no target of the shape / colour look-ups
+            if lookup_view == "base":
+                core[:, N_PATCH:] = False
+            elif lookup_view == "canvas":
+                core[:, :N_PATCH] = False
             views = ("base", "canvas") if count_view == "both" else (count_view,)
             out.append((core, [[c[v] for v in views if c[v] is not None] for c in cen]))
         return out
