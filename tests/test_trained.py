@@ -2,6 +2,7 @@
 own files and that every method prunes; the compiled stage B answers every question type from label
 features; the shipped weights (docs/TRAINED.md) are held to their documented accuracy."""
 
+import json
 import os
 
 import numpy as np
@@ -66,6 +67,16 @@ def test_recipe_output_loads_offline_from_its_files(recipe, variant, monkeypatch
     unk = processor.tokenizer.unk_token_id
     for q in {q.text for _, q in S.eval_questions(S.scenes("test", 10, variant))}:
         assert unk not in processor.tokenizer(q)["input_ids"], q
+
+
+def test_recipe_records_its_defaults(recipe):
+    """training.json records every argument; the defaults are the shipped recipe's (LLaVA-1.5:
+    supervised look-ups and hard presence negatives, which build the colour-shape binding; NeXT: a
+    plain fine-tune on the cache)."""
+    a15 = json.loads((recipe / "llava15" / "training.json").read_text())["args"]
+    anx = json.loads((recipe / "llava_next" / "training.json").read_text())["args"]
+    assert (a15["hard_presence"], a15["att_b"], a15["stream_b"], a15["qk_lr_b"]) == (0.5, 1.0, 1, 10.0)
+    assert (anx["hard_presence"], anx["att_b"], anx["stream_b"], anx["qk_lr_b"]) == (0.0, 0.0, 0, 1.0)
 
 
 def test_recipe_projector_is_the_fitted_one_and_llava_next_keeps_it_frozen(recipe):
@@ -397,6 +408,25 @@ def test_hard_presence_draws_conjunctions():
     assert len(plain) > 50 and 0 < sum(plain) < 0.5 * len(plain)
     assert train.conjunction(sc, S.Question("presence", "Is there a red square?", "no", ()))
     assert not train.conjunction(sc, S.Question("presence", "Is there a yellow square?", "no", ()))
+
+
+def test_accuracy_presence_split_by_case():
+    """`vtprune.eval.accuracy` splits presence answers into "yes", the colour-shape conjunction
+    "no" and the other "no", counting each answer where it belongs."""
+    from vtprune.eval.accuracy import presence_split
+
+    sc = _scene_with([("circle", "red", 60, 60), ("square", "blue", 250, 60)])
+    qs = [
+        S.Question("presence", "Is there a red circle?", "yes", ()),
+        S.Question("presence", "Is there a red square?", "no", ()),
+        S.Question("presence", "Is there a blue circle?", "no", ()),
+        S.Question("presence", "Is there a green square?", "no", ()),
+        S.Question("colour", "What colour is the circle?", "red", ()),
+    ]
+    items = [(0, q) for q in qs]
+    rows = presence_split(["yes", "yes", "no", "no", "red"], items, [sc])
+    by = {r["presence case"]: (r["questions"], r["right"]) for r in rows}
+    assert by == {"yes": (1, 1), "no, colour and kind present": (2, 1), "no, other": (1, 1)}
 
 
 def test_stage_b_sequence_marks_point_at_the_words():

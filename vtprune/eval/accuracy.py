@@ -90,6 +90,22 @@ def per_type(preds, items) -> dict[str, float]:
     return {t: 100.0 * sum(v) / len(v) for t, v in hits.items()}
 
 
+def presence_split(preds, items, sc) -> list[dict]:
+    """Presence accuracy split by case: "yes", "no" whose colour and kind are both in the scene (on
+    different objects: the colour-shape conjunction a model that does not bind them gets wrong;
+    `vtprune.trained.train.conjunction`), and the other "no" questions."""
+    from ..trained.train import conjunction
+
+    hits = collections.defaultdict(list)
+    for p, (i, q) in zip(preds, items):
+        if q.type != "presence":
+            continue
+        case = "yes" if q.answer == "yes" else ("no, colour and kind present" if conjunction(sc[i], q) else "no, other")
+        hits[case].append(S.normalize(p) == q.answer)
+    cases = [c for c in ("yes", "no, colour and kind present", "no, other") if c in hits]
+    return [{"presence case": c, "questions": len(hits[c]), "right": sum(hits[c]), "model": 100.0 * sum(hits[c]) / len(hits[c])} for c in cases]
+
+
 def majority_answers(variant: str, n_train: int = 400, seed: int = 0) -> dict[str, str]:
     """Most frequent answer of each question type on training scenes (same question sampler)."""
     sc = S.scenes("train", n_train, variant, seed=seed)
@@ -222,6 +238,10 @@ def main(argv=None):
     md = _write(out, "accuracy", rows, cols) if out else _fmt_table(rows, cols)
     print(f"## {args.variant}: unpruned exact-match accuracy (%), test split, {len(items)} questions ({secs:.0f}s)\n")
     print(md)
+    prows = presence_split(preds, items, sc)
+    pcols = ["presence case", "questions", "right", "model"]
+    print("\n### presence questions by case\n")
+    print(_write(out, "presence", prows, pcols) if out else _fmt_table(prows, pcols))
     if not args.no_sweep:
         methods = set(args.methods.split(",")) if args.methods else None
         keeps = tuple(int(k) for k in args.keep.split(","))

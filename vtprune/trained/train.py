@@ -1496,7 +1496,7 @@ def stage_b(model, tok, proc, args, rng: random.Random, next_: bool):
         else:
             asked = [train_sc[j] for j in idx]
             keep = curriculum_keep(masks, idx, p_bg, rng)
-        qsets = [sample_questions(sc, rng, args.per_type, getattr(args, "hard_presence", 0.0)) for sc in asked]
+        qsets = [sample_questions(sc, rng, args.per_type, args.hard_presence) for sc in asked]
         att = None
         if att_w > 0:
             att = (att_w, [[lookup_target(train_sc[j], sc, q, *cores[j]) for q in qs] for j, sc, qs in zip(idx, asked, qsets)])
@@ -1700,7 +1700,7 @@ def main(argv=None):
     ap.add_argument("--lookup-init", type=int, default=0, help="start the LLM with word/patch similarity heads (init_lookup)")
     ap.add_argument("--lookup-scenes", type=int, default=200)
     ap.add_argument("--att-b", type=float, default=None, help="weight of the supervised attention loss (attention_loss; default 1, llava_next 0: its targets on the AnyRes layout, next_object_masks, did not help, docs/TRAINED.md eighth attempt; 0 = off)")
-    ap.add_argument("--hard-presence", type=float, default=0.0, help="learned stage B: share of the presence 'no' questions drawn from those whose colour and kind are both in the scene (train.conjunction; 0 = drawn like the rest)")
+    ap.add_argument("--hard-presence", type=float, default=None, help="learned stage B: share of the presence 'no' questions drawn from those whose colour and kind are both in the scene (train.conjunction; default 0.5 for llava15, which builds the colour-shape binding, docs/TRAINED.md eighth attempt; llava_next 0; 0 = drawn like the rest)")
     ap.add_argument("--lookup-view", choices=["both", "base", "canvas"], default="both", help="llava_next attention supervision: the view whose object tokens the shape and colour words' look-ups (all but count questions) are taught to find")
     ap.add_argument("--count-view", choices=["canvas", "base", "both"], default="canvas", help="llava_next attention supervision: the view whose object centres a count question's look-up is taught to find (canvas = the crops, the scene at its own scale)")
     ap.add_argument("--vo-init", type=float, default=1.0, help="value/output init of decoder layers 0-1 (init_value_paths; 0 = off)")
@@ -1734,6 +1734,7 @@ def main(argv=None):
         args.qk_lr_b = args.qk_lr_b or (1.0 if next_ else 10.0)
         args.att_b = (0.0 if next_ else 1.0) if args.att_b is None else args.att_b
     args.stream_b = int(not next_) if args.stream_b is None else args.stream_b
+    args.hard_presence = (0.0 if next_ else 0.5) if args.hard_presence is None else args.hard_presence
     args.cache_b = args.cache_b or (120 if next_ else args.align_scenes if args.stream_b else 1000)
     args.val_b = args.val_b or (40 if next_ else 100)
     args.count_scenes = (100 if next_ else 200) if args.count_scenes is None else args.count_scenes
