@@ -429,6 +429,29 @@ def test_accuracy_presence_split_by_case():
     assert by == {"yes": (1, 1), "no, colour and kind present": (2, 1), "no, other": (1, 1)}
 
 
+def test_accuracy_command_without_the_blank_pass(monkeypatch, capsys):
+    """`python -m vtprune.eval.accuracy --no-blank` measures the model alone (no blank-image pass,
+    its column empty) and prints the per-type and presence-by-case tables."""
+    from vtprune.eval import accuracy
+
+    if not trained.available("llava15"):
+        pytest.skip("no trained llava15 weights ship")
+
+    def no_blank(img):
+        raise AssertionError("--no-blank rendered a blank image")
+
+    monkeypatch.setattr(accuracy, "_blank", no_blank)
+    threads = torch.get_num_threads()
+    try:
+        accuracy.main(["--variant", "llava15", "--scenes", "2", "--no-sweep", "--no-blank", "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    overall = next(line for line in out.splitlines() if line.startswith("| overall |"))
+    assert overall.split("|")[5].strip() == ""  # blank image: not measured
+    assert "| presence case |" in out and "| yes |" in out
+
+
 def test_stage_b_sequence_marks_point_at_the_words():
     tok = train.build_tokenizer()
     sc = _scene_with([("circle", "red", 60, 60), ("square", "blue", 250, 250)])

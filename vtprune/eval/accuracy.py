@@ -141,7 +141,7 @@ def _write(out_dir, name, rows, cols):
     return md
 
 
-def accuracy_table(model, processor, variant, items, sc, batch_size=16):
+def accuracy_table(model, processor, variant, items, sc, batch_size=16, blank_baseline=True):
     types = list(S.QUESTION_TYPES) + ["overall"]
     images = [sc[i].render() for i, _ in items]
     qtext = [q.text for _, q in items]
@@ -149,7 +149,9 @@ def accuracy_table(model, processor, variant, items, sc, batch_size=16):
     preds = predict(model, processor, images, qtext, batch_size, desc="unpruned")
     secs = time.time() - t0
     acc = per_type(preds, items)
-    blank = per_type(predict(model, processor, [_blank(im) for im in images], qtext, batch_size, desc="blank image"), items)
+    blank = collections.defaultdict(str)  # "" = not measured (--no-blank)
+    if blank_baseline:
+        blank.update(per_type(predict(model, processor, [_blank(im) for im in images], qtext, batch_size, desc="blank image"), items))
     maj = majority_answers(variant)
     maj_acc = per_type([maj[q.type] for _, q in items], items)
     n = collections.Counter(q.type for _, q in items)
@@ -223,6 +225,7 @@ def main(argv=None):
     ap.add_argument("--keep", default=",".join(map(str, KEEPS)), help="budgets (visual tokens of a 576-token image)")
     ap.add_argument("--methods", default=None, help="comma list (default: every method supporting the family)")
     ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--no-blank", action="store_true", help="skip the blank-image baseline (a second pass over every question; its column stays empty)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=None, help="folder for accuracy.{csv,md} and sweep.{csv,md}")
     args = ap.parse_args(argv)
@@ -232,7 +235,7 @@ def main(argv=None):
 
     model, processor = load(args.variant, directory=args.model_dir)
     sc, items = test_set(args.variant, args.scenes)
-    rows, preds, images, secs = accuracy_table(model, processor, args.variant, items, sc, args.batch_size)
+    rows, preds, images, secs = accuracy_table(model, processor, args.variant, items, sc, args.batch_size, not args.no_blank)
     cols = ["type", "questions", "model", "majority", "blank image", "majority answer"]
     out = args.out
     md = _write(out, "accuracy", rows, cols) if out else _fmt_table(rows, cols)
