@@ -1674,7 +1674,7 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True)
     ap.add_argument("--init", help="llava15 model dir to start from (required for llava_next; skips stage A for llava15)")
-    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads; 1 (default) reproduces the shipped weights bit for bit on the CPU that trained them (28-61 min for both variants, measured); 2 is faster but sums in another order")
+    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads; 2 (default): the one-shot recipe for both variants in 57 min on an idle 2-vCPU machine (docs/TRAINED.md, Reproduction); 1 is slower (about 85-90 min) but was what reproduced the earlier compiled recipe bit for bit on its CPU; another thread count sums in another order, like another CPU")
     ap.add_argument("--scenes-a", type=int, default=2000, help="training scenes rendered for stage A")
     ap.add_argument("--steps-a1", type=int, default=1500, help="A1: steps of the neighbour layers (0-7) on whole images")
     ap.add_argument("--batch-a1", type=int, default=8, help="whole images per A1 step")
