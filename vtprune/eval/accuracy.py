@@ -227,7 +227,7 @@ def main(argv=None):
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--no-blank", action="store_true", help="skip the blank-image baseline (a second pass over every question; its column stays empty)")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--out", default=None, help="folder for accuracy.{csv,md} and sweep.{csv,md}")
+    ap.add_argument("--out", default=None, help="folder for accuracy.{csv,md}, presence.{csv,md} and sweep.{csv,md}")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
